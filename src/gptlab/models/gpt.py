@@ -1,0 +1,253 @@
+"""The GPT: one readable module for GPT-2 style and Llama style decoders (nanoGPT in spirit).
+
+Config flags pick LayerNorm or RMSNorm, GELU or SwiGLU, learned positions or RoPE, fused or
+separate q/k/v, multi-head or grouped-query attention. Attention goes through
+scaled_dot_product_attention. A `KVCache` makes generation O(1) per new token.
+
+Hooks used by the PEFT methods (kept here so they need no model surgery):
+- `forward(input_embeds=...)`: run on embeddings instead of token ids (prompt tuning);
+- `CausalSelfAttention.prefix`: a callable `batch_size -> (k, v)` whose keys/values every
+  query may attend to, before the sequence (prefix tuning);
+- `hidden_states(...)`: the final normed hidden states (classification heads).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptlab.models.config import GPTConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 as Llama does, so bf16 runs match the reference
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(length, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (length, head_dim), HF's "rotate half" layout
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos/sin: (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer; `pos` is how many positions are filled."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k, v):
+        start, end = self.pos, self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        kv_dim = self.n_kv_head * self.head_dim
+        self.fused = config.fused_qkv
+        if self.fused:
+            self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * kv_dim, bias=config.bias)
+        else:
+            self.q_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+            self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+            self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.prefix = None  # prefix tuning hook: callable(batch_size) -> (k, v), each (B, n_kv_head, P, D)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None):
+        B, T, C = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        if self.fused:
+            q, k, v = self.c_attn(x).split([C, kv_dim, kv_dim], dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.prefix is not None:
+            pk, pv = self.prefix(B)
+            k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        S = k.size(2)
+        dropout = self.dropout if self.training else 0.0
+        if S == T:  # plain causal attention over the sequence
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token attends to everything before it
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # new tokens after a cache and/or a prefix: query i sees keys up to S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.intermediate_size
+        if self.kind == "swiglu":
+            self.gate_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+            self.up_proj = nn.Linear(config.n_embd, hidden, bias=config.bias)
+            self.down_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        else:
+            self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+            self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=make_norm(config),
+        ))
+        if config.pos == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos == "rope":
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith(("c_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        seen = {}
+        for p in self.parameters():
+            if not trainable_only or p.requires_grad:
+                seen[id(p)] = p.numel()
+        return sum(seen.values())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size, device=p.device, dtype=p.dtype)
+
+    def embed(self, idx):
+        return self.transformer.wte(idx)
+
+    def hidden_states(self, idx=None, *, input_embeds=None, cache: KVCache | None = None):
+        """Final normed hidden states (B, T, C) for token ids or for ready-made input embeddings."""
+        x = self.embed(idx) if input_embeds is None else input_embeds
+        B, T, _ = x.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} positions is longer than the context "
+                             f"({self.config.block_size})")
+        rope = None
+        if self.config.pos == "learned":
+            pos = torch.arange(start, start + T, device=x.device)
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx=None, targets=None, *, input_embeds=None, cache: KVCache | None = None,
+                last_only: bool = False):
+        """Logits (B, T, V) and, with targets (-100 = ignore), the mean cross-entropy.
+
+        `last_only` computes logits for the final position alone (generation)."""
+        h = self.hidden_states(idx, input_embeds=input_embeds, cache=cache)
+        if last_only:
+            h = h[:, -1:, :]
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
