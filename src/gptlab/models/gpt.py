@@ -5,7 +5,10 @@ separate q/k/v, multi-head or grouped-query attention. Attention goes through
 scaled_dot_product_attention. A `KVCache` makes generation O(1) per new token.
 
 Hooks used by the PEFT methods (kept here so they need no model surgery):
-- `forward(input_embeds=...)`: run on embeddings instead of token ids (prompt tuning);
+- `forward(input_embeds=...)`: run on embeddings instead of token ids;
+- `GPT.prompt`: a callable `batch_size -> (B, P, C)` of virtual-token embeddings prepended at the
+  input at the first step (no cache, or an empty one) and dropped from the output, so callers
+  see only their own positions (prompt tuning);
 - `CausalSelfAttention.prefix`: a callable `batch_size -> (k, v)` whose keys/values every
   query may attend to, before the sequence (prefix tuning);
 - `hidden_states(...)`: the final normed hidden states (classification heads).
@@ -185,6 +188,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.prompt = None  # prompt tuning hook: callable(batch_size) -> (B, P, C) virtual tokens or None
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
         # variance does not grow with depth
@@ -209,9 +213,16 @@ class GPT(nn.Module):
                 seen[id(p)] = p.numel()
         return sum(seen.values())
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Context positions taken by a prompt-tuning prompt (0 without one)."""
+        return 0 if self.prompt is None else int(getattr(self.prompt, "num_virtual_tokens", 0))
+
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """`max_len` counts the caller's tokens; room for prompt-tuning virtual tokens is added."""
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len or self.config.block_size, device=p.device, dtype=p.dtype)
+        max_len = self.config.block_size if max_len is None else max_len + self.num_virtual_tokens
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def embed(self, idx):
         return self.transformer.wte(idx)
@@ -219,8 +230,14 @@ class GPT(nn.Module):
     def hidden_states(self, idx=None, *, input_embeds=None, cache: KVCache | None = None):
         """Final normed hidden states (B, T, C) for token ids or for ready-made input embeddings."""
         x = self.embed(idx) if input_embeds is None else input_embeds
-        B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
+        n_virtual = 0
+        if self.prompt is not None and start == 0:  # virtual tokens once, before the first real one
+            virtual = self.prompt(x.size(0))  # None while the prompt is switched off
+            if virtual is not None:
+                n_virtual = virtual.size(1)
+                x = torch.cat([virtual.to(x.dtype), x], dim=1)
+        B, T, _ = x.shape
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} positions is longer than the context "
                              f"({self.config.block_size})")
@@ -235,7 +252,7 @@ class GPT(nn.Module):
             x = block(x, rope, cache)
         if cache is not None:
             cache.pos += T
-        return self.transformer.ln_f(x)
+        return self.transformer.ln_f(x[:, n_virtual:])
 
     def forward(self, idx=None, targets=None, *, input_embeds=None, cache: KVCache | None = None,
                 last_only: bool = False):

@@ -76,8 +76,11 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise GptlabError(f"{path} is corrupt or truncated ({e}); re-save the checkpoint") from None
 
 
-def load_weights_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with a one-line explanation of the first mismatch."""
+def load_weights_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
+                      assign: bool = False) -> None:
+    """Strict load with a one-line explanation of the first mismatch.
+
+    `assign=True` adopts the tensors themselves (for a model built on the meta device)."""
     own = model.state_dict()
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     missing = [k for k in own if k not in sd and not (tied and k == "lm_head.weight")]
@@ -89,7 +92,7 @@ def load_weights_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], sourc
                   f"unexpected {unexpected[:3]}" if unexpected else f"shape {wrong[0]}")
         raise GptlabError(f"weights in {source} do not match its config.json ({detail}); "
                           "the config and weights come from different models")
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(sd, strict=False, assign=assign)
 
 
 def save_checkpoint(path: str | Path, model: GPT, tokenizer=None, meta: dict | None = None) -> Path:

@@ -1,0 +1,106 @@
+"""The pretraining recipe: corpus -> tokenizer -> model -> Trainer, resumable, plus run helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gptlab import GptlabError
+from gptlab.data.lm import LMDataset, name_pairs
+from gptlab.data.names import load_corpus
+from gptlab.data.tokenizer import CharTokenizer
+from gptlab.models.config import GPTConfig, preset
+from gptlab.models.gpt import GPT
+from gptlab.models.io import CONFIG, TOKENIZER, load_checkpoint, resolve_checkpoint
+from gptlab.train.trainer import Trainer, TrainConfig, TrainResult
+
+
+def data_spec(data: str, split_seed: int | None, test_size: int | None) -> dict:
+    """How to rebuild the exact splits later (stored in every checkpoint's meta.json)."""
+    if data != "names":
+        data = str(Path(data).resolve())
+    return {"data": data, "split_seed": split_seed, "test_size": test_size}
+
+
+def corpus_from_spec(spec: dict) -> dict[str, list[str]]:
+    return load_corpus(spec["data"], spec.get("split_seed"), spec.get("test_size"))
+
+
+def pretrain(data: str, out: str | Path, preset_name: str = "char-small", train_cfg: TrainConfig | None = None, *,
+             split_seed: int | None = None, test_size: int | None = None, device: str = "auto",
+             fresh: bool = False, log=print, **overrides) -> TrainResult:
+    out = Path(out)
+    train_cfg = train_cfg or TrainConfig()
+    spec = data_spec(data, split_seed, test_size)
+    splits = corpus_from_spec(spec)
+    if not splits["train"]:
+        raise GptlabError(f"no training items in {data}")
+    resume_dir = out / "resume"
+    resuming = not fresh and (resume_dir / CONFIG).exists()
+    if resuming:
+        tokenizer = CharTokenizer.load(resume_dir / TOKENIZER)
+    else:
+        tokenizer = CharTokenizer.from_texts(splits["train"] + splits["val"] + splits["test"])
+    longest = max(len(s) for items in splits.values() for s in items) + 1  # `{name}` minus one
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    config = preset(preset_name, vocab_size=tokenizer.vocab_size, **overrides)
+    if longest > config.block_size:
+        log(f"note: the longest item needs {longest} positions; block_size raised from {config.block_size}")
+        config = GPTConfig(**{**config.to_dict(), "block_size": longest})
+    if resuming:
+        saved = GPTConfig.load(resume_dir / CONFIG)
+        if saved.to_dict() != config.to_dict():
+            raise GptlabError(f"{out} holds a run with another model config: pass --fresh to overwrite it "
+                              "or choose another --out")
+    torch.manual_seed(train_cfg.seed)
+    model = GPT(config)
+    train = LMDataset(name_pairs(splits["train"]), tokenizer, config.block_size)
+    val = LMDataset(name_pairs(splits["val"]), tokenizer, config.block_size) if splits["val"] else None
+    meta = {"kind": "pretrain", "preset": preset_name, "data_spec": spec}
+    trainer = Trainer(model, train_cfg, out, tokenizer=tokenizer, meta=meta, device=device)
+    if fresh and out.exists():
+        import shutil
+
+        for name in ("checkpoint", "resume"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if resuming and trainer.try_resume():
+        log(f"resuming {out} from step {trainer.step}")
+    log(f"model: {preset_name}, {model.num_params():,} parameters; data: {len(train)} train / "
+        f"{len(val) if val else 0} val items, vocab {tokenizer.vocab_size}; device {trainer.device}")
+    result = trainer.fit(train, val)
+    if result.interrupted:
+        log(f"interrupted at step {result.step}: state saved in {resume_dir}; run the same command to resume")
+    return result
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer, meta) of a run directory or checkpoint directory."""
+    model, tok, meta = load_checkpoint(resolve_checkpoint(path), device)
+    if tok is None:
+        raise GptlabError(f"{path} has no tokenizer.json: it cannot encode text")
+    return model, tok, meta
+
+
+def evaluate_run(path: str | Path, split: str = "test", device: str | torch.device = "cpu",
+                 batch_size: int = 512) -> dict:
+    """NLL per character (nats) and perplexity of a run on a split of its own data."""
+    from gptlab.train.trainer import evaluate_loss
+
+    if split not in ("train", "val", "test"):
+        raise GptlabError(f"unknown split {split!r}: use train, val or test")
+    model, tok, meta = load_run(path, device)
+    if "data_spec" not in meta:
+        raise GptlabError(f"{path} does not say which data it was trained on (meta.json): cannot rebuild the split")
+    items = corpus_from_spec(meta["data_spec"])[split]
+    data = LMDataset(name_pairs(items), tok, model.config.block_size)
+    nll = evaluate_loss(model, data, batch_size)
+    return {"split": split, "items": len(items), "tokens": data.num_target_tokens, "nll_per_char": nll,
+            "perplexity": float(torch.tensor(nll).exp()), "step": meta.get("step")}
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []

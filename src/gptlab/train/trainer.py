@@ -1,0 +1,330 @@
+"""One training loop for every objective: AdamW, warmup + cosine, clipping, accumulation,
+autocast on CUDA, periodic evaluation with a best checkpoint and early stopping, exact resume.
+
+Run directory layout:
+  checkpoint/   best weights so far (what `gptlab sample/eval` load)
+  resume/       the latest state: weights + trainer_state.pt (optimizer, step, RNG) for resuming
+  metrics.jsonl one JSON object per logged step or evaluation
+Resume is exact: the data order is a pure function of (seed, step) and the RNG state is restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gptlab import GptlabError
+from gptlab.models.io import atomic_dir, is_checkpoint, save_checkpoint
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 3000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # "cosine" | "constant"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float | None = 1.0
+    eval_every: int = 250
+    eval_batch_size: int = 512
+    patience: int | None = None  # evaluations without improvement before stopping
+    seed: int = 1337
+    dtype: str = "auto"  # "auto" (bf16 autocast on CUDA when supported) | "fp32" | "bf16" | "fp16"
+    compile: bool = False
+    max_time: float | None = None  # seconds of training before stopping (equal-time comparisons)
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.max_steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise GptlabError("max_steps, batch_size and grad_accum must be positive")
+        if self.schedule not in ("cosine", "constant"):
+            raise GptlabError(f"unknown schedule {self.schedule!r}: use 'cosine' or 'constant'")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise GptlabError(f"unknown dtype {self.dtype!r}: use auto, fp32, bf16 or fp16")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GptlabError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GptlabError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    return dev
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    if device.type != "cuda" or cfg.dtype == "fp32":
+        return None
+    if cfg.dtype == "fp16":
+        return torch.float16
+    if cfg.dtype == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW over trainable parameters; weight decay only on matrices (>= 2-D), as GPT-2 does."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    if not params:
+        raise GptlabError("the model has no trainable parameters: unfreeze something or apply a method")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+
+
+def lm_loss(model, batch):
+    """Next-token cross-entropy, mean over target tokens; returns (loss, number of target tokens)."""
+    _, loss = model(batch["x"], batch["y"])
+    return loss, int((batch["y"] != -100).sum())
+
+
+def count_targets(batch) -> int:
+    """What a loss averages over: target tokens for LM batches, rows otherwise."""
+    if "y" in batch and batch["y"].dtype == torch.long and batch["y"].dim() == 2:
+        return max(1, int((batch["y"] != -100).sum()))
+    return len(next(iter(batch.values())))
+
+
+class BatchOrder:
+    """Batch i of the run: epochs of seeded permutations, so resuming needs only the step."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.bs, self.seed = n, min(batch_size, n), seed
+        self.per_epoch = max(1, n // self.bs)
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, i: int) -> torch.Tensor:
+        epoch, j = divmod(i, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[j * self.bs:(j + 1) * self.bs]
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, batch_size: int = 512, device=None, loss_fn=None) -> float:
+    """Mean loss per target token over a whole dataset (token-weighted, not batch-weighted)."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in data.batch(range(start, min(start + batch_size, len(data)))).items()}
+        if loss_fn is None:
+            logits, _ = model(batch["x"])
+            total += F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
+                                     reduction="sum").item()
+            count += int((batch["y"] != -100).sum())
+        else:
+            loss, n = loss_fn(model, batch)
+            total += loss.item() * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    best_val: float | None
+    interrupted: bool = False
+    stopped_early: bool = False
+    elapsed: float = 0.0
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, model, cfg: TrainConfig, out_dir: str | Path, *, tokenizer=None, meta: dict | None = None,
+                 loss_fn: Callable = lm_loss, device: str | torch.device = "auto",
+                 save_fn: Callable | None = None):
+        self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        self.tokenizer, self.meta, self.loss_fn = tokenizer, dict(meta or {}), loss_fn
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        # save_fn(path, model, tokenizer, meta) writes a checkpoint directory (PEFT methods save less)
+        self.save_fn = save_fn or save_checkpoint
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(model, cfg, self.device)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.step, self.best_val, self.bad_evals, self.elapsed = 0, None, 0, 0.0
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _save(self, name: str, with_state: bool) -> None:
+        meta = {**self.meta, "step": self.step, "best_val": self.best_val, "train_config": asdict(self.cfg)}
+        path = self.out / name
+        self.save_fn(path, self.model, self.tokenizer, meta)
+        if with_state:
+            state = {
+                "step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
+                "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+            # the state file goes into the directory just written, atomically
+            tmp = path / f".{STATE_FILE}.tmp"
+            torch.save(state, tmp)
+            tmp.replace(path / STATE_FILE)
+
+    def try_resume(self) -> bool:
+        """Restore weights, optimizer, step and RNG from `out/resume` if it is there."""
+        path = self.out / "resume"
+        if not (is_checkpoint(path) and (path / STATE_FILE).exists()):
+            return False
+        from gptlab.models.io import load_weights_into, read_safetensors, WEIGHTS
+
+        load_weights_into(self.model, read_safetensors(path / WEIGHTS), str(path))
+        try:
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise GptlabError(f"{path / STATE_FILE} is corrupt ({type(e).__name__}); delete {path} to start over") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
+        self.elapsed = state["elapsed"]
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self._truncate_metrics(self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines written after the resumed step, so the curve has no duplicates."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+            path.write_text("".join(l + "\n" for l in keep))
+
+    def _log(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _micro_step(self, batch, weight: float) -> tuple[float, int]:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            loss, n_tokens = self.loss_fn(self.forward_model, batch)
+        self.scaler.scale(loss * weight).backward()
+        return loss.item(), n_tokens
+
+    def fit(self, train_data, val_data=None, stop_at: int | None = None) -> TrainResult:
+        """Train to cfg.max_steps (or pause at `stop_at`: the schedule still spans max_steps)."""
+        cfg = self.cfg
+        last = min(cfg.max_steps, stop_at or cfg.max_steps)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GptlabError(f"cannot create {self.out} ({e.strerror}): choose a writable --out") from None
+        if self.step == 0:
+            torch.manual_seed(cfg.seed)
+        order = BatchOrder(len(train_data), cfg.batch_size, cfg.seed)
+        self.model.train()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
+                   desc="train", unit="step")
+        result = TrainResult(step=self.step, best_val=self.best_val)
+        tokens_since, t_since = 0, time.perf_counter()
+        try:
+            while self.step < last:
+                if cfg.max_time is not None and self.elapsed >= cfg.max_time:
+                    break
+                t0 = time.perf_counter()
+                lr = lr_at(self.step, cfg)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                micro = [train_data.batch(order(self.step * cfg.grad_accum + i)) for i in range(cfg.grad_accum)]
+                # weight each micro-batch by its share of the step's targets, so accumulation gives
+                # exactly the gradient of the large batch's per-token mean
+                counts = [count_targets(b) for b in micro]
+                loss_sum, n_tokens = 0.0, 0
+                for b, c in zip(micro, counts):
+                    loss, n = self._micro_step(b, c / sum(counts))
+                    loss_sum += loss * c / sum(counts)
+                    n_tokens += n
+                if cfg.grad_clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                   cfg.grad_clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.elapsed += time.perf_counter() - t0
+                tokens_since += n_tokens
+                loss = loss_sum
+                if not math.isfinite(loss):
+                    raise GptlabError(f"the loss became {loss} at step {self.step}: lower --lr or use fp32")
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    now = time.perf_counter()
+                    tps = tokens_since / max(now - t_since, 1e-9)
+                    tokens_since, t_since = 0, now
+                    rec = {"step": self.step, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tps, 1),
+                           "elapsed": round(self.elapsed, 2)}
+                    self._log(rec)
+                    result.history.append(rec)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                bar.update(1)
+                if val_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    if self._evaluate(val_data, result):
+                        result.stopped_early = True
+                        break
+        except KeyboardInterrupt:
+            bar.close()
+            self._save("resume", with_state=True)
+            result.interrupted = True
+            result.step, result.best_val, result.elapsed = self.step, self.best_val, self.elapsed
+            return result
+        bar.close()
+        if val_data is not None and self.best_val is None:
+            self._evaluate(val_data, result)
+        if not is_checkpoint(self.out / "checkpoint"):
+            self._save("checkpoint", with_state=False)
+        self._save("resume", with_state=True)
+        result.step, result.best_val, result.elapsed = self.step, self.best_val, self.elapsed
+        return result
+
+    def _evaluate(self, val_data, result: TrainResult) -> bool:
+        """Evaluate, keep the best checkpoint; True when early stopping says stop."""
+        val = evaluate_loss(self.forward_model, val_data, self.cfg.eval_batch_size, self.device,
+                            None if self.loss_fn is lm_loss else self.loss_fn)
+        rec = {"step": self.step, "val_loss": round(val, 5)}
+        self._log(rec)
+        result.history.append(rec)
+        if self.best_val is None or val < self.best_val:
+            self.best_val, self.bad_evals = val, 0
+            self._save("checkpoint", with_state=False)
+        else:
+            self.bad_evals += 1
+        return self.cfg.patience is not None and self.bad_evals >= self.cfg.patience

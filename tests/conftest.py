@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _names_cache(tmp_path_factory):
+    """Build the names corpus cache once per test session, outside the user's cache."""
+    if "GPTLAB_CACHE" not in os.environ:
+        os.environ["GPTLAB_CACHE"] = str(tmp_path_factory.mktemp("gptlab-cache"))
+    yield
+
+
+@pytest.fixture
+def names_file(tmp_path):
+    """A small text corpus: 300 pronounceable made-up names, one per line."""
+    g = torch.Generator().manual_seed(0)
+    cons, vow = "bcdfghjklmnprstvz", "aeiou"
+    names = set()
+    while len(names) < 300:
+        n = int(torch.randint(2, 5, (1,), generator=g))
+        s = "".join(cons[int(torch.randint(len(cons), (1,), generator=g))] +
+                    vow[int(torch.randint(len(vow), (1,), generator=g))] for _ in range(n))
+        names.add(s)
+    p = tmp_path / "names.txt"
+    p.write_text("\n".join(sorted(names)) + "\n")
+    return p
