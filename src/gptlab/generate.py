@@ -46,7 +46,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
     stopped, at max_new_tokens, or at the model's context length. `on_token(ids)` streams."""
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
         raise GptlabError("temperature must be >= 0 and top_p in (0, 1]")
-    block = model.config.block_size
+    block = model.config.block_size - getattr(model, "num_virtual_tokens", 0)  # prompt tuning takes positions
     B, T = prompt.shape
     if T == 0:
         raise GptlabError("the prompt is empty: give at least the start symbol")

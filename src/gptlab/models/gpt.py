@@ -220,7 +220,7 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """`max_len` counts the caller's tokens; room for prompt-tuning virtual tokens is added."""
-        p = self.lm_head.weight
+        p = self.transformer.ln_f.weight  # not lm_head: it may be quantized to integer codes
         max_len = self.config.block_size if max_len is None else max_len + self.num_virtual_tokens
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 

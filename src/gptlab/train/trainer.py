@@ -58,12 +58,15 @@ class TrainConfig:
             raise GptlabError(f"unknown dtype {self.dtype!r}: use auto, fp32, bf16 or fp16")
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Linear warmup, then cosine decay over max_steps, or over max_time when that ends first."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.max_time:
+        progress = max(progress, min(1.0, elapsed / cfg.max_time))
     min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
@@ -261,7 +264,7 @@ class Trainer:
                 if cfg.max_time is not None and self.elapsed >= cfg.max_time:
                     break
                 t0 = time.perf_counter()
-                lr = lr_at(self.step, cfg)
+                lr = lr_at(self.step, cfg, self.elapsed)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 micro = [train_data.batch(order(self.step * cfg.grad_accum + i)) for i in range(cfg.grad_accum)]
