@@ -14,7 +14,8 @@ from gptlab.data.tokenizer import CharTokenizer
 from gptlab.models.config import GPTConfig, preset
 from gptlab.models.gpt import GPT
 from gptlab.models.io import CONFIG, TOKENIZER, load_checkpoint, resolve_checkpoint
-from gptlab.train.trainer import Trainer, TrainConfig, TrainResult
+from gptlab.train.dist import setup as setup_dist
+from gptlab.train.trainer import Trainer, TrainConfig, TrainResult, resolve_device
 
 
 def data_spec(data: str, split_seed: int | None, test_size: int | None) -> dict:
@@ -30,9 +31,12 @@ def corpus_from_spec(spec: dict) -> dict[str, list[str]]:
 
 def pretrain(data: str, out: str | Path, preset_name: str = "char-small", train_cfg: TrainConfig | None = None, *,
              split_seed: int | None = None, test_size: int | None = None, device: str = "auto",
-             fresh: bool = False, log=print, **overrides) -> TrainResult:
+             fresh: bool = False, log=print, strategy: str = "none", **overrides) -> TrainResult:
+    """`strategy` ddp|fsdp under torchrun: every rank runs this; only rank 0 logs and writes."""
     out = Path(out)
     train_cfg = train_cfg or TrainConfig()
+    if not setup_dist(strategy, resolve_device(device)).is_main:
+        log = lambda *a, **k: None
     spec = data_spec(data, split_seed, test_size)
     splits = corpus_from_spec(spec)
     if not splits["train"]:
@@ -59,8 +63,11 @@ def pretrain(data: str, out: str | Path, preset_name: str = "char-small", train_
     train = LMDataset(name_pairs(splits["train"]), tokenizer, config.block_size)
     val = LMDataset(name_pairs(splits["val"]), tokenizer, config.block_size) if splits["val"] else None
     meta = {"kind": "pretrain", "preset": preset_name, "data_spec": spec}
-    trainer = Trainer(model, train_cfg, out, tokenizer=tokenizer, meta=meta, device=device)
-    if fresh and out.exists():
+    trainer = Trainer(model, train_cfg, out, tokenizer=tokenizer, meta=meta, device=device, strategy=strategy)
+    if trainer.dist.agree(resuming) != resuming:
+        raise GptlabError(f"rank {trainer.dist.rank} sees another {resume_dir} than rank 0: put --out on a "
+                          "filesystem every node shares")
+    if fresh and out.exists() and trainer.dist.is_main:
         import shutil
 
         for name in ("checkpoint", "resume"):
@@ -71,7 +78,9 @@ def pretrain(data: str, out: str | Path, preset_name: str = "char-small", train_
     log(f"model: {preset_name}, {model.num_params():,} parameters; data: {len(train)} train / "
         f"{len(val) if val else 0} val items, vocab {tokenizer.vocab_size}; device {trainer.device}")
     result = trainer.fit(train, val)
-    if result.interrupted:
+    if result.interrupted and trainer.dist.sharded and trainer.dist.world_size > 1:
+        log(f"interrupted at step {result.step}; run the same command to resume from the last save in {resume_dir}")
+    elif result.interrupted:
         log(f"interrupted at step {result.step}: state saved in {resume_dir}; run the same command to resume")
     return result
 

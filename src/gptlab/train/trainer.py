@@ -6,6 +6,8 @@ Run directory layout:
   resume/       the latest state: weights + trainer_state.pt (optimizer, step, RNG) for resuming
   metrics.jsonl one JSON object per logged step or evaluation
 Resume is exact: the data order is a pure function of (seed, step) and the RNG state is restored.
+Under torchrun (`strategy="ddp"|"fsdp"`, see dist.py) each rank trains on its share of the same
+global batches, only rank 0 writes and prints, and the checkpoints stay in the one-process format.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm import tqdm
 
 from gptlab import GptlabError
 from gptlab.models.io import atomic_dir, is_checkpoint, save_checkpoint
+from gptlab.train.dist import Dist, setup as setup_dist
 
 STATE_FILE = "trainer_state.pt"
 
@@ -30,7 +33,7 @@ STATE_FILE = "trainer_state.pt"
 @dataclass
 class TrainConfig:
     max_steps: int = 3000
-    batch_size: int = 64
+    batch_size: int = 64  # per rank under torchrun: the global batch is batch_size x world size
     grad_accum: int = 1
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -48,6 +51,7 @@ class TrainConfig:
     max_time: float | None = None  # seconds of training before stopping (equal-time comparisons)
     log_every: int = 10
     progress: bool = True
+    save_every: int | None = None  # steps between resume saves (a killed or preempted run loses less)
 
     def __post_init__(self):
         if self.max_steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -138,23 +142,33 @@ class BatchOrder:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, batch_size: int = 512, device=None, loss_fn=None) -> float:
-    """Mean loss per target token over a whole dataset (token-weighted, not batch-weighted)."""
+def evaluate_loss(model, data, batch_size: int = 512, device=None, loss_fn=None,
+                  dist: Dist | None = None) -> float:
+    """Mean loss per target token over a whole dataset (token-weighted, not batch-weighted).
+
+    With `dist`, every batch is split across the ranks (each runs one forward per batch, as FSDP
+    needs, an empty share counting zero) and (sum, count) are summed over ranks."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
-        batch = {k: v.to(device) for k, v in data.batch(range(start, min(start + batch_size, len(data)))).items()}
+        rows, w = range(start, min(start + batch_size, len(data))), 1
+        if dist is not None and dist.world_size > 1:
+            rows = dist.shard(rows)
+            rows, w = (rows, 1) if len(rows) else (range(start, start + 1), 0)
+        batch = {k: v.to(device) for k, v in data.batch(rows).items()}
         if loss_fn is None:
             logits, _ = model(batch["x"])
-            total += F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
-                                     reduction="sum").item()
-            count += int((batch["y"] != -100).sum())
+            total += w * F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
+                                         reduction="sum").item()
+            count += w * int((batch["y"] != -100).sum())
         else:
             loss, n = loss_fn(model, batch)
-            total += loss.item() * n
-            count += n
+            total += w * loss.item() * n
+            count += w * n
+    if dist is not None and dist.world_size > 1:
+        total, count = dist.sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -172,31 +186,57 @@ class TrainResult:
 class Trainer:
     def __init__(self, model, cfg: TrainConfig, out_dir: str | Path, *, tokenizer=None, meta: dict | None = None,
                  loss_fn: Callable = lm_loss, device: str | torch.device = "auto",
-                 save_fn: Callable | None = None):
+                 save_fn: Callable | None = None, strategy: str = "none"):
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
         self.tokenizer, self.meta, self.loss_fn = tokenizer, dict(meta or {}), loss_fn
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        # strategy ddp|fsdp: this rank's share of the work; its device is cuda:LOCAL_RANK on GPUs
+        self.dist = setup_dist(strategy, self.device)
+        self.device = self.dist.device
         # save_fn(path, model, tokenizer, meta) writes a checkpoint directory (PEFT methods save less)
+        if self.dist.sharded and save_fn not in (None, save_checkpoint):
+            raise GptlabError("--strategy fsdp saves whole models only: use --strategy ddp for this method")
         self.save_fn = save_fn or save_checkpoint
         self.model.to(self.device)
-        self.optimizer = make_optimizer(model, cfg, self.device)
         self.amp_dtype = autocast_dtype(cfg, self.device)
+        wrapped = self.dist.wrap(model, self.amp_dtype)  # FSDP shards in place: before the optimizer
+        self.optimizer = make_optimizer(model, cfg, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        self._wrapped = wrapped
+        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step, self.best_val, self.bad_evals, self.elapsed = 0, None, 0, 0.0
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _save(self, name: str, with_state: bool) -> None:
+    def _save(self, name: str, with_state: bool, collective: bool = True) -> None:
+        """Rank 0 writes; under FSDP every rank must call this (`collective`) to gather the shards."""
+        d = self.dist
+        if d.sharded and d.world_size > 1 and not collective:
+            if d.is_main:
+                tqdm.write("gptlab: FSDP shards cannot be gathered after an interrupt; a resume continues "
+                           "from the last --save-every save")
+            return
         meta = {**self.meta, "step": self.step, "best_val": self.best_val, "train_config": asdict(self.cfg)}
         path = self.out / name
-        self.save_fn(path, self.model, self.tokenizer, meta)
+        model = d.savable(self.model)
+        if with_state:
+            rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+            rng_ranks = d.gather_objects(rng) if collective else [rng]
+            optimizer = d.full_optimizer_state(self.optimizer)
+        if not d.is_main:
+            return
+        if with_state:  # the whole training model (method wrappers included), so resume is exact
+            save_checkpoint(path, model, self.tokenizer, meta)
+        else:
+            self.save_fn(path, model, self.tokenizer, meta)
         if with_state:
             state = {
                 "step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
-                "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
+                "elapsed": self.elapsed, "optimizer": optimizer,
                 "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             }
+            if d.world_size > 1:  # each rank's own dropout stream, for a resume at the same world size
+                state["rng_ranks"] = rng_ranks
             # the state file goes into the directory just written, atomically
             tmp = path / f".{STATE_FILE}.tmp"
             torch.save(state, tmp)
@@ -209,19 +249,30 @@ class Trainer:
             return False
         from gptlab.models.io import load_weights_into, read_safetensors, WEIGHTS
 
-        load_weights_into(self.model, read_safetensors(path / WEIGHTS), str(path))
+        load_weights_into(self.model, self.dist.shard_state_dict(self.model, read_safetensors(path / WEIGHTS)),
+                          str(path))
         try:
             state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file
             raise GptlabError(f"{path / STATE_FILE} is corrupt ({type(e).__name__}); delete {path} to start over") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self.dist.shard_optimizer_state(self.optimizer, state["optimizer"]))
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_val, self.bad_evals = state["step"], state["best_val"], state["bad_evals"]
         self.elapsed = state["elapsed"]
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self._truncate_metrics(self.step)
+        ranks = state.get("rng_ranks") or []
+        if self.dist.world_size == 1:
+            torch.set_rng_state(state["rng_cpu"])
+            if state["rng_cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+        elif len(ranks) == self.dist.world_size:
+            cpu, cuda = ranks[self.dist.rank]
+            torch.set_rng_state(cpu)
+            if cuda is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda, self.device)
+        else:  # another world size: dropout masks cannot continue exactly; each rank reseeds
+            torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
         return True
 
     def _truncate_metrics(self, step: int) -> None:
@@ -232,15 +283,18 @@ class Trainer:
             path.write_text("".join(l + "\n" for l in keep))
 
     def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     # --- the loop ----------------------------------------------------------------------------
-    def _micro_step(self, batch, weight: float) -> tuple[float, int]:
+    def _micro_step(self, batch, weight: float, sync: bool = True) -> tuple[float, int]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            loss, n_tokens = self.loss_fn(self.forward_model, batch)
-        self.scaler.scale(loss * weight).backward()
+        with self.dist.sync_grads(self._wrapped, sync):  # ranks reduce gradients on the last micro-batch only
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss, n_tokens = self.loss_fn(self.forward_model, batch)
+            self.scaler.scale(loss * weight).backward()
         return loss.item(), n_tokens
 
     def fit(self, train_data, val_data=None, stop_at: int | None = None) -> TrainResult:
@@ -251,12 +305,17 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise GptlabError(f"cannot create {self.out} ({e.strerror}): choose a writable --out") from None
+        d = self.dist
+        if len(train_data) < d.world_size:
+            raise GptlabError(f"{len(train_data)} training items cannot be shared by {d.world_size} ranks: "
+                              "use fewer processes")
         if self.step == 0:
-            torch.manual_seed(cfg.seed)
-        order = BatchOrder(len(train_data), cfg.batch_size, cfg.seed)
+            torch.manual_seed(cfg.seed + d.rank)  # rank 0 draws what a one-process run draws
+        # batch_size is per rank: the global batch, the same on every rank, is cut into shares
+        order = BatchOrder(len(train_data), cfg.batch_size * d.world_size, cfg.seed)
         self.model.train()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress, dynamic_ncols=True,
-                   desc="train", unit="step")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or not d.is_main,
+                   dynamic_ncols=True, desc="train", unit="step")
         result = TrainResult(step=self.step, best_val=self.best_val)
         tokens_since, t_since = 0, time.perf_counter()
         try:
@@ -267,14 +326,17 @@ class Trainer:
                 lr = lr_at(self.step, cfg, self.elapsed)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                micro = [train_data.batch(order(self.step * cfg.grad_accum + i)) for i in range(cfg.grad_accum)]
-                # weight each micro-batch by its share of the step's targets, so accumulation gives
-                # exactly the gradient of the large batch's per-token mean
+                micro = [train_data.batch(d.shard(order(self.step * cfg.grad_accum + i)))
+                         for i in range(cfg.grad_accum)]
+                # weight each micro-batch by its share of the step's targets (over all ranks), so
+                # accumulation gives exactly the gradient of the global batch's per-token mean; times
+                # the world size because DDP and FSDP average gradients over ranks
                 counts = [count_targets(b) for b in micro]
+                total = sum(counts) if d.world_size == 1 else d.sum([sum(counts)])[0]
                 loss_sum, n_tokens = 0.0, 0
-                for b, c in zip(micro, counts):
-                    loss, n = self._micro_step(b, c / sum(counts))
-                    loss_sum += loss * c / sum(counts)
+                for i, (b, c) in enumerate(zip(micro, counts)):
+                    loss, n = self._micro_step(b, c * d.world_size / total, sync=i == len(micro) - 1)
+                    loss_sum += loss * c / total
                     n_tokens += n
                 if cfg.grad_clip:
                     self.scaler.unscale_(self.optimizer)
@@ -284,7 +346,10 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                self.elapsed += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                if d.world_size > 1:  # the global loss and tokens; rank 0's clock, so max_time stops all ranks
+                    loss_sum, n_tokens, dt = d.sum([loss_sum, n_tokens, dt if d.is_main else 0.0])
+                self.elapsed += dt
                 tokens_since += n_tokens
                 loss = loss_sum
                 if not math.isfinite(loss):
@@ -303,16 +368,19 @@ class Trainer:
                     if self._evaluate(val_data, result):
                         result.stopped_early = True
                         break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < last:
+                    self._save("resume", with_state=True)
         except KeyboardInterrupt:
             bar.close()
-            self._save("resume", with_state=True)
+            # ranks are interrupted at different points: no collectives (DDP: rank 0 saves; FSDP cannot)
+            self._save("resume", with_state=True, collective=d.world_size == 1)
             result.interrupted = True
             result.step, result.best_val, result.elapsed = self.step, self.best_val, self.elapsed
             return result
         bar.close()
         if val_data is not None and self.best_val is None:
             self._evaluate(val_data, result)
-        if not is_checkpoint(self.out / "checkpoint"):
+        if not d.agree(is_checkpoint(self.out / "checkpoint")):
             self._save("checkpoint", with_state=False)
         self._save("resume", with_state=True)
         result.step, result.best_val, result.elapsed = self.step, self.best_val, self.elapsed
@@ -321,7 +389,7 @@ class Trainer:
     def _evaluate(self, val_data, result: TrainResult) -> bool:
         """Evaluate, keep the best checkpoint; True when early stopping says stop."""
         val = evaluate_loss(self.forward_model, val_data, self.cfg.eval_batch_size, self.device,
-                            None if self.loss_fn is lm_loss else self.loss_fn)
+                            None if self.loss_fn is lm_loss else self.loss_fn, dist=self.dist)
         rec = {"step": self.step, "val_loss": round(val, 5)}
         self._log(rec)
         result.history.append(rec)
