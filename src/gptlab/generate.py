@@ -38,12 +38,13 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k=None, top_p
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-             stop_id: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+             stop_id=None, use_cache: bool = True, generator: torch.Generator | None = None,
              on_token=None) -> torch.Tensor:
     """Continue a (B, T) batch of equal-length prompts; returns (B, T + new) ids.
 
-    Rows that produced `stop_id` are padded with it afterwards; generation ends when all rows
-    stopped, at max_new_tokens, or at the model's context length. `on_token(ids)` streams."""
+    Rows that produced `stop_id` (an id or several, e.g. EOS and end-of-turn) are padded with it
+    (the first) afterwards; generation ends when all rows stopped, at max_new_tokens, or at the
+    model's context length. `on_token(ids)` streams."""
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
         raise GptlabError("temperature must be >= 0 and top_p in (0, 1]")
     block = model.config.block_size - getattr(model, "num_virtual_tokens", 0)  # prompt tuning takes positions
@@ -57,19 +58,20 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
     model.eval()
     seq = prompt
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    stops = None if stop_id is None else torch.as_tensor(stop_id, dtype=torch.long, device=prompt.device).flatten()
     cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
     step_input = prompt
     for _ in range(max_new_tokens):
         logits, _ = model(step_input if use_cache else seq, cache=cache, last_only=True)
         nxt = next_token(logits[:, -1, :], temperature, top_k, top_p, greedy, generator)
-        if stop_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
-            done |= nxt == stop_id
+        if stops is not None:
+            nxt = torch.where(done, stops[0], nxt)
+            done |= torch.isin(nxt, stops)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         step_input = nxt[:, None]
         if on_token is not None:
             on_token(nxt)
-        if stop_id is not None and bool(done.all()):
+        if stops is not None and bool(done.all()):
             break
     model.train(was_training)
     return seq
@@ -104,3 +106,142 @@ def sample_stats(samples: list[str], train_items) -> dict:
     n = max(len(samples), 1)
     return {"n": len(samples), "unique_pct": 100.0 * len(set(samples)) / n,
             "novel_pct": 100.0 * sum(s not in train for s in samples) / n}
+
+
+# ---- pretrained models: text in, text out ---------------------------------------------------------
+
+
+def chat_prompt(tokenizer, text: str, system: str | None = None) -> str:
+    """`text` as one user turn rendered with the tokenizer's chat template (its generation prompt
+    included), so an instruct model answers it instead of continuing it."""
+    from gptlab.models.pretrained import apply_chat_template
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return apply_chat_template(messages, getattr(tokenizer, "chat_template", None),
+                               bos_token=getattr(tokenizer, "bos_token", None) or "",
+                               eos_token=getattr(tokenizer, "eos_token", None) or "")
+
+
+def stop_tokens(tokenizer) -> list[int]:
+    """Ids that end generation: EOS and the end-of-turn/end-of-text tokens the vocabulary has."""
+    stops = getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id]
+    return [i for i in stops if i is not None]
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids, with the BOS first where the model expects one (or the prompt is empty)."""
+    ids = tokenizer.encode(prompt)
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is not None and (getattr(tokenizer, "add_bos", False) or not ids) and ids[:1] != [bos]:
+        ids = [bos] + ids  # the model was trained with a BOS first; an empty prompt starts from it
+    if not ids:
+        raise GptlabError("the prompt is empty and the tokenizer has no BOS token to start from: give a prompt")
+    return ids
+
+
+class _Streamer:
+    """Prints a row's continuation as it grows. Decodes the whole continuation each time and prints
+    the new suffix: a BPE token may hold half a UTF-8 character (decoded as U+FFFD until the rest
+    arrives) or change how earlier tokens join, so tokens cannot be decoded one by one."""
+
+    def __init__(self, tokenizer, write, stops):
+        self.tokenizer, self.write, self.stops = tokenizer, write, set(stops)
+        self.ids, self.shown, self.stopped = [], "", False
+
+    def __call__(self, nxt: torch.Tensor) -> None:
+        tok = int(nxt[0])
+        self.stopped = self.stopped or tok in self.stops
+        if self.stopped:
+            return
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return  # an incomplete character; wait for the next token
+        self.write(text[len(self.shown):])
+        self.shown = text
+
+    def flush(self) -> None:
+        """At the end, print what was held back (bytes that never became a valid character)."""
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.write(text[len(self.shown):])
+            self.shown = text
+
+
+def _cut_at_stop(row: list[int], stops) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in stops:
+            return row[:i]
+    return row
+
+
+def generate_texts(model, tokenizer, prompt: str, n: int = 1, *, max_new_tokens: int = 128, stream=None,
+                   seed: int | None = None, use_cache: bool = True, **sampling) -> list[str]:
+    """n continuations of `prompt` (already chat-formatted if wanted: see `chat_prompt`), generated
+    as one batch and cut at the tokenizer's EOS/end-of-turn tokens. With n == 1, `stream(text)` is
+    called with each new piece of text as soon as it is complete."""
+    if n < 1:
+        raise GptlabError(f"n must be at least 1, got {n}")
+    device = next(model.parameters()).device
+    ids = encode_prompt(tokenizer, prompt)
+    stops = stop_tokens(tokenizer)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    streamer = _Streamer(tokenizer, stream, stops) if stream is not None and n == 1 else None
+    seq = generate(model, torch.tensor([ids] * n, device=device), max_new_tokens, stop_id=stops or None,
+                   use_cache=use_cache, generator=generator, on_token=streamer, **sampling)
+    if streamer is not None:
+        streamer.flush()
+    return [tokenizer.decode(_cut_at_stop(row, set(stops))) for row in seq[:, len(ids):].tolist()]
+
+
+def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 128, stream=None, **sampling) -> str:
+    """One continuation of `prompt`; `stream(text)` receives it piece by piece. See generate_texts."""
+    return generate_texts(model, tokenizer, prompt, 1, max_new_tokens=max_new_tokens, stream=stream,
+                          **sampling)[0]
+
+
+@torch.no_grad()
+def generate_ragged(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+                    stop_id=None, use_cache: bool = True, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue prompts of different lengths in one batch; returns each row's new ids, cut before its
+    stop token and at max_new_tokens.
+
+    The model takes no attention mask, so prompts cannot be left-padded. Instead rows are aligned
+    at position 0: prefill covers the shortest prompt, and while a row still has prompt tokens each
+    step feeds it its own next prompt token in place of the sampled one (as LLaMA's reference
+    `generate` does). Every row thus sees exactly what row-wise generation would show it, for the
+    price of (longest - shortest prompt) extra one-token steps; sorting prompts by length keeps
+    that small. Greedy output equals row-wise `generate` up to float noise."""
+    if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
+        raise GptlabError("temperature must be >= 0 and top_p in (0, 1]")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GptlabError("every prompt needs at least one token")
+    lens = [len(p) for p in prompts]
+    block = model.config.block_size - getattr(model, "num_virtual_tokens", 0)
+    if max(lens) >= block:
+        raise GptlabError(f"a prompt has {max(lens)} tokens but the context holds {block}: shorten the prompt")
+    device = next(model.parameters()).device
+    B, total = len(prompts), min(max(lens) + max_new_tokens, block)
+    tokens = torch.zeros(B, total, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p)
+    lens_t = torch.tensor(lens, device=device)
+    stops = torch.as_tensor([] if stop_id is None else stop_id, dtype=torch.long, device=device).flatten()
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(B, total) if use_cache else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    prev, end = 0, min(lens)
+    for pos in range(min(lens), total):
+        logits, _ = model(tokens[:, prev:pos] if use_cache else tokens[:, :pos], cache=cache, last_only=True)
+        nxt = next_token(logits[:, -1, :], temperature, top_k, top_p, greedy, generator)
+        in_prompt = pos < lens_t
+        tokens[:, pos] = torch.where(in_prompt, tokens[:, pos], nxt)
+        done |= ~in_prompt & (torch.isin(nxt, stops) | (pos + 1 - lens_t >= max_new_tokens))
+        prev, end = pos, pos + 1
+        if bool(done.all()):
+            break
+    model.train(was_training)
+    stop_set = set(stops.tolist())
+    return [_cut_at_stop(row[n:end][:max_new_tokens], stop_set) for row, n in zip(tokens.tolist(), lens)]

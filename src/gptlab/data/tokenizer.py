@@ -89,3 +89,79 @@ def load_tokenizer(path: str | Path):
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(path))
+
+
+# Tokens that end a turn or a document in common chat formats (ChatML/SmolLM, Llama 3, Gemma,
+# GPT-2, sentencepiece); generation stops at any of them that the vocabulary has.
+END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<eos>", "</s>")
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` with CharTokenizer's interface (encode -> list of ids, decode,
+    pad/eos/bos ids, vocab_size, save), so LMDataset and the generation code need no branch.
+
+    The special tokens come from the model's info (GGUF metadata or tokenizer_config.json), which
+    the tokenizer file alone does not say; the chat template rides along for the same reason."""
+
+    def __init__(self, tokenizer, info: dict | None = None):
+        info = info or {}
+        self.tokenizer = tokenizer
+        self.chat_template = info.get("chat_template")
+        self.bos_id = self._special(info, "bos")
+        self.eos_id = self._special(info, "eos")
+        pad = self._special(info, "pad")
+        # padding is never attended to nor scored (LMDataset masks it), so any id works without one
+        self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+        self.add_bos = bool((info.get("metadata") or {}).get("tokenizer.ggml.add_bos_token", False))
+        stops = [self.eos_id] + [tokenizer.token_to_id(t) for t in END_TOKENS]
+        self.stop_ids = list(dict.fromkeys(i for i in stops if i is not None))
+
+    def _special(self, info: dict, key: str) -> int | None:
+        idx = info.get(f"{key}_token_id")
+        if idx is None and isinstance(info.get(f"{key}_token"), str):
+            idx = self.tokenizer.token_to_id(info[f"{key}_token"])
+        return idx
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.tokenizer.id_to_token(self.bos_id)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_id is None else self.tokenizer.id_to_token(self.eos_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` without BOS/EOS added; special tokens written in the text (a rendered chat
+        template) still map to their ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def to_str(self) -> str:  # checkpoint writers treat objects with to_str as HF tokenizers
+        return self.tokenizer.to_str()
+
+    def save(self, path: str | Path) -> None:
+        self.tokenizer.save(str(path))
+
+
+def wrap_tokenizer(tokenizer, info: dict | None = None):
+    """CharTokenizer and HFTokenizer as they are; a `tokenizers.Tokenizer` (or a transformers fast
+    tokenizer) wrapped with the special tokens of `info`, as `load_pretrained` returns them."""
+    if isinstance(tokenizer, (CharTokenizer, HFTokenizer)):
+        return tokenizer
+    if tokenizer is None:
+        raise GptlabError("this model has no tokenizer: save one with the checkpoint (tokenizer.json)")
+    tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)  # transformers PreTrainedTokenizerFast
+    if not hasattr(tokenizer, "encode_batch"):
+        raise GptlabError(f"cannot use a {type(tokenizer).__name__} as a tokenizer: give a CharTokenizer "
+                          "or a tokenizers.Tokenizer")
+    return HFTokenizer(tokenizer, info)
