@@ -88,7 +88,7 @@ def test_dropout_only_in_training():
 def test_context_overflow_is_a_clear_error():
     m = tiny("char-tiny")
     with pytest.raises(ValueError, match="longer than the context"):
-        m(torch.randint(1, 40, (1, 33)))
+        m(torch.randint(1, 40, (1, 41)))
 
 
 def test_bad_config_is_one_clear_error():

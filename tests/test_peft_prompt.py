@@ -93,7 +93,7 @@ def test_prompt_init_modes():
     with pytest.raises(GptlabError, match="init_text"):
         PromptTuningConfig(init="text")
     with pytest.raises(GptlabError, match="no room"):
-        apply_peft(m, PromptTuningConfig(num_virtual_tokens=32, name="big"))
+        apply_peft(m, PromptTuningConfig(num_virtual_tokens=m.config.block_size, name="big"))
     set_adapter(m, "t")
     assert m.num_virtual_tokens == 5
 

@@ -30,6 +30,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-time", type=float, default=None, help="stop after this many seconds of training")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics.jsonl lines")
+    g.add_argument("--save-every", type=int, default=None, help="steps between resume saves (default: at the end)")
 
 
 def _train_config(a):
@@ -38,29 +40,94 @@ def _train_config(a):
     return TrainConfig(max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
                        warmup_steps=a.warmup_steps, schedule=a.schedule, weight_decay=a.weight_decay,
                        grad_clip=a.grad_clip or None, eval_every=a.eval_every, patience=a.patience, seed=a.seed,
-                       dtype=a.dtype, compile=a.compile, max_time=a.max_time, progress=not a.no_progress)
+                       dtype=a.dtype, compile=a.compile, max_time=a.max_time, progress=not a.no_progress,
+                       log_every=a.log_every, save_every=a.save_every)
 
 
 def cmd_data(a) -> int:
     from gptlab.data.names import describe, load_names
 
-    if a.what != "names":
-        raise GptlabError(f"unknown data set {a.what!r}: use `gptlab data names`")
-    print(describe(load_names(refresh=a.refresh)))
+    if a.what not in ("names", "tasks"):
+        raise GptlabError(f"unknown data set {a.what!r}: use `gptlab data names` or `gptlab data tasks`")
+    records = load_names(refresh=a.refresh)
+    if a.what == "names":
+        print(describe(records))
+        return 0
+    from gptlab.data.tasks import TASKS, build_task, describe_task
+
+    for task in TASKS:
+        print(describe_task(build_task(task, records)))
+    return 0
+
+
+def cmd_finetune(a) -> int:
+    from gptlab.recipes.finetune import finetune
+
+    targets = a.targets.split(",") if a.targets else None
+    r = finetune(a.run, a.task, a.method, a.out, route=a.route, train_cfg=_train_config(a), device=a.device,
+                 limit=a.limit, eval_limit=a.eval_limit, rank=a.rank, alpha=a.alpha, lora_dropout=a.lora_dropout,
+                 targets=targets, adapter_size=a.adapter_size, placement=a.placement,
+                 virtual_tokens=a.virtual_tokens, prompt_init=a.prompt_init, prefix_projection=a.prefix_projection,
+                 last_k=a.last_k)
+    if r.get("interrupted"):
+        return 130
+    print(f"{a.task} / {a.method} ({a.route}): metric {r['metric']:.2f}, {r['trainable']:,} trainable params "
+          f"({r['trainable_pct']:.2f}%), {r['train_time_s']:.0f}s, {r['size_bytes'] / 1024:.1f} KiB on disk; "
+          f"results in {a.out}/results.json")
     return 0
 
 
 def cmd_pretrain(a) -> int:
+    from gptlab.train import dist
     from gptlab.train.pretrain import pretrain
 
-    result = pretrain(a.data, a.out, a.preset, _train_config(a), split_seed=a.split_seed, test_size=a.test_size,
-                      device=a.device, fresh=a.fresh, n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head,
-                      dropout=a.dropout, block_size=a.block_size)
+    try:
+        result = pretrain(a.data, a.out, a.preset, _train_config(a), split_seed=a.split_seed,
+                          test_size=a.test_size, device=a.device, fresh=a.fresh, strategy=a.strategy,
+                          n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, dropout=a.dropout,
+                          block_size=a.block_size)
+        main_rank = dist.is_main()
+    finally:
+        dist.cleanup()
     if result.interrupted:
         return 130
+    if not main_rank:  # under torchrun only rank 0 reports
+        return 0
     best = f"{result.best_val:.4f}" if result.best_val is not None else "n/a"
     print(f"done: {result.step} steps in {result.elapsed:.0f}s, best val loss {best} nats/char; "
           f"checkpoint in {a.out}/checkpoint")
+    return 0
+
+
+def _is_pretrained_source(name: str | None) -> bool:
+    """A preset name, a .gguf file or an HF model directory: sampled as text, not as character items."""
+    from gptlab.models.hf import is_hf_dir
+    from gptlab.models.pretrained import PRETRAINED
+
+    return name is not None and (name in PRETRAINED or name.endswith(".gguf") or is_hf_dir(name))
+
+
+def _sample_pretrained(a) -> int:
+    from gptlab.data.tokenizer import wrap_tokenizer
+    from gptlab.generate import chat_prompt, generate_texts
+    from gptlab.models.pretrained import load_pretrained
+    from gptlab.train.trainer import resolve_device
+
+    model, tok, info = load_pretrained(a.model or a.run)
+    model = model.to(resolve_device(a.device))
+    tok = wrap_tokenizer(tok, info)
+    chat = not a.no_chat and bool(getattr(tok, "chat_template", None))
+    prompt = chat_prompt(tok, a.prompt, a.system) if chat else a.prompt
+    n = a.n or 1
+    kw = {"max_new_tokens": a.max_new_tokens or 128, "seed": a.seed, "use_cache": not a.no_cache,
+          "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "greedy": a.greedy}
+    if n == 1:
+        print(a.prompt if not chat else "", end="", flush=True)
+        generate_texts(model, tok, prompt, 1, stream=lambda piece: print(piece, end="", flush=True), **kw)
+        print()
+        return 0
+    for i, text in enumerate(generate_texts(model, tok, prompt, n, **kw)):
+        print(f"--- {i + 1}\n{'' if chat else a.prompt}{text}")
     return 0
 
 
@@ -69,6 +136,11 @@ def cmd_sample(a) -> int:
     from gptlab.train.pretrain import corpus_from_spec, load_run
     from gptlab.train.trainer import resolve_device
 
+    if a.model or _is_pretrained_source(a.run):
+        return _sample_pretrained(a)
+    if a.run is None:
+        raise GptlabError("give a run directory (`gptlab sample RUN`) or a pretrained model (--model NAME)")
+    a.n = a.n or 20
     model, tok, meta = load_run(a.run, resolve_device(a.device))
     samples = sample_items(model, tok, a.n, a.prompt, seed=a.seed, temperature=a.temperature, top_k=a.top_k,
                            top_p=a.top_p, greedy=a.greedy, max_new_tokens=a.max_new_tokens,
@@ -82,10 +154,31 @@ def cmd_sample(a) -> int:
     return 0
 
 
+def _eval_commongen(a) -> int:
+    from gptlab.evaluate.commongen import zero_shot_commongen
+    from gptlab.train.trainer import resolve_device
+
+    r = zero_shot_commongen(a.model or a.run, a.data, split=a.split or "dev", limit=a.limit,
+                            batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
+                            chat=False if a.no_chat else None, device=resolve_device(a.device))
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"commongen {r['split']}, {r['examples']} concept sets ({'chat' if r['chat'] else 'raw'}): "
+              f"BLEU-4 {r['bleu4']:.3f}  ROUGE-1 {r['rouge1']:.3f}  ROUGE-2 {r['rouge2']:.3f}  "
+              f"ROUGE-L {r['rougeL']:.3f}  coverage {r['coverage']:.3f}  in {r['seconds']:.1f}s")
+    return 0
+
+
 def cmd_eval(a) -> int:
     from gptlab.train.pretrain import evaluate_run
     from gptlab.train.trainer import resolve_device
 
+    if a.task == "commongen":
+        return _eval_commongen(a)
+    if a.model or a.run is None:
+        raise GptlabError("give a run directory (`gptlab eval RUN`), or --model NAME --task commongen")
+    a.split = a.split or "test"
     r = evaluate_run(a.run, a.split, resolve_device(a.device))
     if a.json:
         print(json.dumps(r))
@@ -95,8 +188,29 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    from gptlab.recipes.compare import compare
+
+    methods = a.methods.split(",") if a.methods else None
+    r = compare(a.run, a.task, a.out, methods=methods, train_cfg=_train_config(a), device=a.device, limit=a.limit,
+                eval_limit=a.eval_limit, sweeps=not a.no_sweeps)
+    print(f"{len(r['rows'])} methods compared: {a.out}/report.md")
+    return 0
+
+
+def cmd_embeddings(a) -> int:
+    from gptlab.report.embeddings import format_embedding_report, run_embedding_report
+
+    queries = a.names.split(",") if a.names else None
+    kw = {"query_names": queries} if queries else {}
+    r = run_embedding_report(a.run, a.out, k=a.k, chars=a.chars, **kw)
+    print(format_embedding_report(r))
+    print(f"map: {r['png']}")
+    return 0
+
+
 def cmd_demo(a) -> int:
-    from gptlab.demo import run_demo
+    from gptlab.recipes.demo import run_demo
 
     report = run_demo(a.out, quick=a.quick, device=a.device)
     print(f"report: {report}")
@@ -108,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "sampling, fine-tuning, evaluation.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("data", help="build and cache a corpus, print its label counts")
-    s.add_argument("what", help="names")
+    s = sub.add_parser("data", help="build and cache the names corpus or the task data; print counts")
+    s.add_argument("what", help="names | tasks")
     s.add_argument("--refresh", action="store_true", help="rebuild the cache from the package")
     s.set_defaults(fn=cmd_data)
 
@@ -120,33 +234,93 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="char-small")
     s.add_argument("--out", required=True)
     s.add_argument("--fresh", action="store_true", help="start over even if --out holds a run")
+    s.add_argument("--strategy", choices=["none", "ddp", "fsdp"], default="none",
+                   help="data parallelism under torchrun (--batch-size is per rank); without torchrun: one rank")
     m = s.add_argument_group("model overrides")
     for name, typ in (("n-layer", int), ("n-embd", int), ("n-head", int), ("dropout", float), ("block-size", int)):
         m.add_argument(f"--{name}", type=typ, default=None)
     _train_args(s)
     s.set_defaults(fn=cmd_pretrain)
 
-    s = sub.add_parser("sample", help="sample from a run")
-    s.add_argument("run", help="run directory or checkpoint directory")
-    s.add_argument("-n", type=int, default=20)
-    s.add_argument("--prompt", default="", help="the start of each item, e.g. kr")
+    from gptlab.data.tasks import TASKS
+    from gptlab.recipes.finetune import METHODS
+
+    s = sub.add_parser("finetune", help="fine-tune a pretrained run on a task with a method (resumable)")
+    s.add_argument("run", help="the pretrained run or checkpoint directory")
+    s.add_argument("--task", required=True, choices=TASKS)
+    s.add_argument("--method", required=True, choices=METHODS)
+    s.add_argument("--route", choices=["generate", "head"], default="generate",
+                   help="classification: the LM writes the label, or a classification head predicts it")
+    s.add_argument("--out", required=True)
+    s.add_argument("--limit", type=int, default=None, help="at most this many training examples")
+    s.add_argument("--eval-limit", type=int, default=2000, help="at most this many val/test examples")
+    m = s.add_argument_group("method options")
+    m.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    m.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    m.add_argument("--lora-dropout", type=float, default=0.0)
+    m.add_argument("--targets", default=None, help="LoRA target modules, comma-separated name suffixes")
+    m.add_argument("--adapter-size", type=int, default=16, help="adapter bottleneck width")
+    m.add_argument("--placement", choices=["houlsby", "pfeiffer"], default="houlsby")
+    m.add_argument("--virtual-tokens", type=int, default=8, help="prompt/prefix length")
+    m.add_argument("--prompt-init", choices=["random", "vocab"], default="vocab")
+    m.add_argument("--prefix-projection", type=int, default=None, help="prefix MLP width (reparameterisation)")
+    m.add_argument("--last-k", type=int, default=1, help="blocks to unfreeze for --method lastk")
+    _train_args(s)
+    s.set_defaults(fn=cmd_finetune, max_steps=500, eval_every=100, lr=1e-3, warmup_steps=20)
+
+    s = sub.add_parser("compare", help="every fine-tuning method on one task: report.md, charts, JSON")
+    s.add_argument("run", help="the pretrained run or checkpoint directory")
+    s.add_argument("--task", required=True, choices=TASKS)
+    s.add_argument("--out", required=True)
+    s.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    s.add_argument("--no-sweeps", action="store_true", help="skip the adapter-size and LoRA-rank sweeps")
+    s.add_argument("--limit", type=int, default=None, help="at most this many training examples per run")
+    s.add_argument("--eval-limit", type=int, default=2000)
+    _train_args(s)
+    s.set_defaults(fn=cmd_compare, max_steps=500, eval_every=100, lr=1e-3, warmup_steps=20)
+
+    s = sub.add_parser("sample", help="sample from a run, or generate text with a pretrained model")
+    s.add_argument("run", nargs="?", help="run directory or checkpoint directory")
+    s.add_argument("--model", help="pretrained model instead of a run: preset name (smollm2-135m-instruct), "
+                   ".gguf file or HF model directory")
+    s.add_argument("-n", type=int, default=None, help="samples (default 20 for runs, 1 for --model)")
+    s.add_argument("--prompt", default="", help="the start of each item, e.g. kr; with --model the user message")
+    s.add_argument("--no-chat", action="store_true", help="--model: continue the raw prompt, no chat template")
+    s.add_argument("--system", default=None, help="--model: a system message for the chat template")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--greedy", action="store_true")
-    s.add_argument("--max-new-tokens", type=int, default=None)
+    s.add_argument("--max-new-tokens", type=int, default=None, help="default: the context for runs, 128 for --model")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step")
     s.add_argument("--device", default="cpu")
     s.add_argument("--quiet", action="store_true", help="no statistics line")
     s.set_defaults(fn=cmd_sample)
 
-    s = sub.add_parser("eval", help="NLL per character and perplexity on a split")
-    s.add_argument("run")
-    s.add_argument("--split", default="test")
+    s = sub.add_parser("eval", help="NLL per character and perplexity on a split; CommonGen scores with --task")
+    s.add_argument("run", nargs="?")
+    s.add_argument("--split", default=None, help="default: test for runs, dev for commongen")
+    g = s.add_argument_group("commongen (zero-shot generation, ROUGE/BLEU/coverage)")
+    g.add_argument("--task", choices=["commongen"], default=None)
+    g.add_argument("--model", help="preset name, .gguf file or model directory")
+    g.add_argument("--data", default=None, help="CommonGen directory (default $GPTLAB_COMMONGEN or "
+                   "../shared/data/commongen)")
+    g.add_argument("--limit", type=int, default=50, help="first N concept sets")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--no-chat", action="store_true", help="raw `Concepts: ...` prompts, no chat template")
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("embeddings", help="PCA map of the character embeddings, neighbours, nearest names")
+    s.add_argument("run")
+    s.add_argument("--out", default=None, help="where embeddings.png goes (default: the run directory)")
+    s.add_argument("--names", default=None, help="comma-separated names whose nearest names to list")
+    s.add_argument("-k", type=int, default=5)
+    s.add_argument("--chars", default=None, help="only these characters on the map (e.g. the letters)")
+    s.set_defaults(fn=cmd_embeddings)
 
     s = sub.add_parser("demo", help="the whole names course on the CPU, ending in a report")
     s.add_argument("--out", default="runs/demo")

@@ -54,3 +54,28 @@ class LMDataset:
 def name_pairs(items: list[str]) -> list[tuple[str, str]]:
     """Pretraining examples: `{name}` with the start symbol as the prompt."""
     return [(BOS, item + EOS) for item in items]
+
+
+class ClassificationDataset:
+    """Texts with integer labels for a classification head; rows right-padded like LMDataset."""
+
+    def __init__(self, texts: list[str], labels: list[int], tokenizer, block_size: int | None = None):
+        if not texts:
+            raise GptlabError("the dataset is empty: nothing to train or evaluate on")
+        rows = [tokenizer.encode(t) for t in texts]
+        longest = max(len(r) for r in rows)
+        if block_size is not None and longest > block_size:
+            raise GptlabError(f"a text of {longest} tokens does not fit the context of {block_size}")
+        self.ids = torch.full((len(rows), longest), tokenizer.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            self.ids[i, :len(r)] = torch.tensor(r)
+        self.lengths = torch.tensor([len(r) for r in rows])
+        self.labels = torch.tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.ids.size(0)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        width = int(self.lengths[idx].max())
+        return {"x": self.ids[idx, :width], "lengths": self.lengths[idx], "labels": self.labels[idx]}

@@ -86,14 +86,14 @@ class GPTConfig:
 _GPT2 = dict(norm="layernorm", mlp="gelu", pos="learned", bias=True, fused_qkv=True, norm_eps=1e-5)
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos="rope", bias=False, fused_qkv=False)
 
-# Character presets leave vocab_size to the tokenizer; block 32 covers the longest name plus
-# the task symbols (the longest ASCII first name in the corpus has 29 letters).
+# Character presets leave vocab_size to the tokenizer; block 40 covers the longest name (29
+# letters) inside the longest task format (`Sgu0{name}`, `G{name0=M}`).
 PRESETS: dict[str, dict] = {
     # the course's model: 4 layers x 64 dims x 4 heads (as makemore's transformer)
-    "char-tiny": dict(_GPT2, n_layer=4, n_head=4, n_embd=64, block_size=32),
+    "char-tiny": dict(_GPT2, n_layer=4, n_head=4, n_embd=64, block_size=40),
     # the default: wider, with dropout, still minutes on 2 CPU cores
-    "char-small": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=32, dropout=0.1),
-    "char-llama": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=32,
+    "char-small": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=40, dropout=0.1),
+    "char-llama": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=40,
                        intermediate_size=352, norm_eps=1e-5),
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
     "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),

@@ -31,6 +31,9 @@ def atomic_dir(path: str | Path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
     except OSError as e:
         raise GptlabError(f"cannot write to {path.parent} ({e.strerror}): choose a writable --out") from None
     try:
@@ -82,8 +85,9 @@ def load_weights_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], sourc
 
     `assign=True` adopts the tensors themselves (for a model built on the meta device)."""
     own = model.state_dict()
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-    missing = [k for k in own if k not in sd and not (tied and k == "lm_head.weight")]
+    present = {own[k].data_ptr() for k in sd if k in own}
+    # a key missing from the file is fine when it shares storage with one that is there (tied lm_head)
+    missing = [k for k in own if k not in sd and own[k].data_ptr() not in present]
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
              if k in own and sd[k].shape != own[k].shape]

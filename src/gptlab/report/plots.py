@@ -28,3 +28,46 @@ def loss_curve(history: list[dict], path: str | Path, title: str = "pretraining"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def bar_chart(labels: list[str], values: list[float], path: str | Path, title: str,
+              reference: dict[str, float] | None = None) -> Path:
+    """Horizontal bars (one per method), with dashed lines for baselines."""
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), values, color="tab:blue")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    for (name, v), color in zip((reference or {}).items(), ("tab:gray", "tab:red", "tab:green")):
+        ax.axvline(v, ls="--", color=color, label=f"{name} ({v:.1f})")
+    if reference:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def sweep_chart(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Metric vs trainable parameters (log x), one line per method, points labelled by their knob."""
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["trainable"])
+        ax.plot([p["trainable"] for p in pts], [p["metric"] for p in pts], "o-", label=method)
+        for p in pts:
+            knob = next(k for k in p if k not in ("method", "trainable", "metric"))
+            ax.annotate(f"{knob}={p[knob]}", (p["trainable"], p["metric"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("metric")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

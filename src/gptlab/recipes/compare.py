@@ -1,0 +1,138 @@
+"""`gptlab compare`: every method on one task, side by side, as report.md + PNG charts + JSON.
+
+Each method is an ordinary `finetune` run under OUT/runs/<method>, so a comparison that is
+interrupted resumes where it stopped (finished runs are read back from their results.json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gptlab import GptlabError
+from gptlab.data.names import load_names
+from gptlab.data.tasks import CLASSIFICATION, build_task
+from gptlab.evaluate import tasks as ev
+from gptlab.models.io import atomic_write_text
+from gptlab.recipes.finetune import METHODS, finetune
+from gptlab.report.plots import bar_chart, sweep_chart
+from gptlab.train.trainer import TrainConfig
+
+# (label, method, route, options): the default line-up for a classification task
+CLASSIFY_LINEUP = [
+    ("full (LM)", "full", "generate", {}),
+    ("full + head", "full", "head", {}),
+    ("head only", "head", "head", {}),
+    ("BitFit", "bitfit", "generate", {}),
+    ("last block", "lastk", "generate", {"last_k": 1}),
+    ("adapter m=16", "adapter", "generate", {"adapter_size": 16}),
+    ("LoRA r=8", "lora", "generate", {"rank": 8}),
+    ("LoRA r=8 + head", "lora", "head", {"rank": 8}),
+    ("prompt P=8", "prompt", "generate", {"virtual_tokens": 8}),
+    ("prefix P=8", "prefix", "generate", {"virtual_tokens": 8}),
+]
+SWEEPS = {"adapter": ("adapter_size", (2, 8, 32)), "lora": ("rank", (1, 4, 16))}
+
+
+def lineup_for(task: str, methods: list[str] | None = None) -> list[tuple[str, str, str, dict]]:
+    rows = CLASSIFY_LINEUP if task in CLASSIFICATION else [r for r in CLASSIFY_LINEUP if r[2] == "generate"]
+    if methods:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise GptlabError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        rows = [r for r in rows if r[1] in methods]
+    return rows
+
+
+def _run(base, task, method, route, opts, out: Path, train_cfg, device, limit, eval_limit, log) -> dict:
+    done = out / "results.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    r = finetune(base, task, method, out, route=route, train_cfg=train_cfg, device=device, limit=limit,
+                 eval_limit=eval_limit, log=log, **opts)
+    if r.get("interrupted"):
+        raise KeyboardInterrupt
+    return r
+
+
+def compare(base: str | Path, task: str, out: str | Path, *, methods: list[str] | None = None,
+            train_cfg: TrainConfig | None = None, device: str = "auto", limit: int | None = None,
+            eval_limit: int | None = 2000, sweeps: bool = True, log=print) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, method, route, opts in lineup_for(task, methods):
+        log(f"-- {label}")
+        r = _run(base, task, method, route, opts, out / "runs" / f"{method}-{route}-{_tag(opts)}", train_cfg,
+                 device, limit, eval_limit, log)
+        rows.append({"label": label, **r})
+    sweep_rows = []
+    if sweeps:
+        for method, (knob, values) in SWEEPS.items():
+            if methods and method not in methods:
+                continue
+            for v in values:
+                log(f"-- sweep {method} {knob}={v}")
+                r = _run(base, task, method, "generate", {knob: v}, out / "runs" / f"{method}-generate-{knob}{v}",
+                         train_cfg, device, limit, eval_limit, log)
+                sweep_rows.append({"method": method, knob: v, "trainable": r["trainable"], "metric": r["metric"]})
+    baselines = classification_baselines(task, eval_limit) if task in CLASSIFICATION else {}
+    result = {"task": task, "base": str(base), "rows": rows, "sweeps": sweep_rows, "baselines": baselines}
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    write_report(result, out)
+    return result
+
+
+def _tag(opts: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in sorted(opts.items())) or "default"
+
+
+def classification_baselines(task: str, eval_limit: int | None) -> dict:
+    """Majority class and a character n-gram logistic regression, trained on the same train split."""
+    from gptlab.recipes.finetune import _subset
+
+    data = build_task(task, load_names())
+    train, test = data.splits["train"], _subset(data.splits["test"], eval_limit, "test")
+    gold = [e.label for e in test]
+    return {
+        "majority": ev.majority_baseline([e.label for e in train], gold, data.labels),
+        "char n-gram logistic regression": ev.ngram_baseline([e.item for e in train], [e.label for e in train],
+                                                              [e.item for e in test], gold, data.labels),
+    }
+
+
+def metric_name(task: str) -> str:
+    return {"endswith_a": "% ending in a", "startswith": "% following", "endswith": "% following",
+            "last_char": "exact match %", "instruct": "mean task score"}.get(task, "accuracy %")
+
+
+def comparison_table(result: dict) -> str:
+    name = metric_name(result["task"])
+    lines = [f"| method | route | trainable params | % of total | {name} | macro-F1 | train s | "
+             "latency b=1 ms | latency b=256 ms | size on disk | forgetting (Δ NLL) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        f1 = f"{100 * r['macro_f1']:.1f}" if "macro_f1" in r else ""
+        fg = r.get("forgetting", {}).get("delta")
+        lines.append(f"| {r['label']} | {r['route']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
+                     f"{r['metric']:.1f} | {f1} | {r['train_time_s']:.0f} | {r['latency_ms']['batch_1']:.1f} | "
+                     f"{r['latency_ms']['batch_256']:.1f} | {r['size_bytes'] / 1024:.0f} KiB | "
+                     f"{'' if fg is None else f'{fg:+.3f}'} |")
+    for label, b in result.get("baselines", {}).items():
+        lines.append(f"| baseline: {label} | - | - | - | {100 * b['accuracy']:.1f} | {100 * b['macro_f1']:.1f} "
+                     "| | | | | |")
+    return "\n".join(lines)
+
+
+def write_report(result: dict, out: Path) -> Path:
+    task = result["task"]
+    charts = [bar_chart([r["label"] for r in result["rows"]], [r["metric"] for r in result["rows"]],
+                        out / "compare.png", f"{task}: {metric_name(task)} by method",
+                        {k: 100 * b["accuracy"] for k, b in result.get("baselines", {}).items()})]
+    if result["sweeps"]:
+        charts.append(sweep_chart(result["sweeps"], out / "sweep.png", f"{task}: metric vs trainable parameters"))
+    text = [f"# {task}: methods compared\n", f"Base model: `{result['base']}`.\n", comparison_table(result), ""]
+    text += [f"![{c.stem}]({c.name})\n" for c in charts]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(text))
+    return path

@@ -1,0 +1,225 @@
+"""The fine-tuning recipe: base run + task + method -> a small method file, metrics and samples.
+
+    out/checkpoint/   the method's weights (PEFT format) or, for full tuning of the LM, a checkpoint
+    out/results.json  task metric, trainable params, train time, latency, size on disk, forgetting
+    out/samples.txt   what the tuned model generates for the task
+
+Two routes for classification: `generate` (the LM writes the label after `=`) and `head` (a
+linear head on the last token's hidden state).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from gptlab import GptlabError
+from gptlab.data.lm import ClassificationDataset, LMDataset, name_pairs
+from gptlab.data.names import load_names
+from gptlab.data.tasks import CLASSIFICATION, TaskData, _h, build_task
+from gptlab.data.tokenizer import BOS, EOS
+from gptlab.evaluate import tasks as ev
+from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from gptlab.peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, SequenceClassifier,
+                         apply_peft, bitfit, full, head_only, last_k_blocks, load_peft, param_report, save_peft)
+from gptlab.peft.api import backbone
+from gptlab.train.pretrain import corpus_from_spec, load_run
+from gptlab.train.trainer import Trainer, TrainConfig, evaluate_loss, resolve_device
+
+METHODS = ("full", "head", "bitfit", "lastk", "adapter", "lora", "prompt", "prefix")
+
+
+def method_config(method: str, *, rank: int = 8, alpha: float | None = None, lora_dropout: float = 0.0,
+                  targets: list[str] | None = None, adapter_size: int = 16, placement: str = "houlsby",
+                  virtual_tokens: int = 8, prompt_init: str = "vocab", prefix_projection: int | None = None,
+                  last_k: int = 1):
+    """The PEFT config for a method name and its knobs (alpha defaults to the rank: scale 1)."""
+    if method == "full":
+        return full()
+    if method == "head":
+        return head_only()
+    if method == "bitfit":
+        return bitfit()
+    if method == "lastk":
+        return last_k_blocks(last_k)
+    if method == "adapter":
+        return AdapterConfig(size=adapter_size, placement=placement)
+    if method == "lora":
+        return LoraConfig(r=rank, alpha=float(alpha if alpha is not None else rank), dropout=lora_dropout,
+                          targets=targets)
+    if method == "prompt":
+        return PromptTuningConfig(num_virtual_tokens=virtual_tokens, init=prompt_init)
+    if method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=virtual_tokens, projection=prefix_projection)
+    raise GptlabError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def _subset(items: list, limit: int | None, salt: str) -> list:
+    """A deterministic hash-ordered subset (the split lists are alphabetical)."""
+    if limit is None or limit >= len(items):
+        return items
+    return sorted(items, key=lambda e: _h(getattr(e, "item", str(e)) + getattr(e, "prompt", ""), salt))[:limit]
+
+
+def _save_method(path, model, tokenizer, meta):
+    """The deliverable: only the method's weights (+ head), plus meta.json and tokenizer.json."""
+    if meta.get("method") == "full" and meta.get("route") == "generate":
+        save_checkpoint(path, model, tokenizer, meta)
+        return
+    save_peft(model, path)
+    atomic_write_text(Path(path) / "meta.json", json.dumps(meta, indent=2) + "\n")
+    tokenizer.save(Path(path) / "tokenizer.json")
+
+
+def load_finetuned(run: str | Path, device="cpu"):
+    """(tuned model or classifier, tokenizer, meta) of a fine-tuning run directory."""
+    ckpt = Path(run) / "checkpoint" if (Path(run) / "checkpoint").is_dir() else Path(run)
+    meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").exists() else {}
+    if meta.get("kind") != "finetune":
+        raise GptlabError(f"{run} is not a fine-tuning run: give a directory written by `gptlab finetune`")
+    if is_checkpoint(ckpt):
+        model, tok, _ = load_checkpoint(ckpt, device)
+        return model, tok, meta
+    model, tok, _ = load_run(meta["base"], device)
+    target = SequenceClassifier(model, len(meta["labels"])).to(device) if meta["route"] == "head" else model
+    load_peft(target, ckpt)
+    return target.eval(), tok, meta
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def finetune(base: str | Path, task: str, method: str, out: str | Path, *, route: str = "generate",
+             train_cfg: TrainConfig | None = None, device: str = "auto", limit: int | None = None,
+             eval_limit: int | None = 2000, samples: int = 500, task_options: dict | None = None, log=print,
+             **method_opts) -> dict:
+    out = Path(out)
+    dev = resolve_device(device)
+    if route not in ("generate", "head"):
+        raise GptlabError(f"unknown route {route!r}: use generate or head")
+    if route == "head" and task not in CLASSIFICATION:
+        raise GptlabError(f"--route head needs a classification task ({', '.join(CLASSIFICATION)}), not {task}")
+    if method == "head" and route != "head":
+        raise GptlabError("--method head trains a classification head: add --route head")
+    base_ckpt = resolve_checkpoint(base).resolve()
+    model, tok, base_meta = load_run(base_ckpt, dev)
+    data: TaskData = build_task(task, load_names(), **(task_options or {}))
+    train_cfg = train_cfg or TrainConfig(max_steps=500, eval_every=100, lr=1e-3, warmup_steps=20)
+    block = model.config.block_size
+    labels = data.labels
+    fits = lambda exs: [e for e in exs if len(e.prompt) + len(e.completion) <= block + 1]  # chars = tokens
+    dropped = len(data.splits["train"]) - len(fits(data.splits["train"]))
+    if dropped:
+        log(f"note: {dropped} training examples are longer than the context ({block}) and are left out")
+    data.splits = {s: fits(v) for s, v in data.splits.items()}
+    train_ex = _subset(data.splits["train"], limit, "train")
+    val_ex = _subset(data.splits["val"], eval_limit, "val")
+    test_ex = _subset(data.splits["test"], eval_limit, "test")
+
+    if route == "head":
+        target = SequenceClassifier(model, len(labels)).to(dev)
+        to_ds = lambda exs: ClassificationDataset([BOS + e.item + EOS for e in exs],
+                                                  [labels.index(e.label) for e in exs], tok, block)
+
+        def loss_fn(m, b):
+            _, loss = m(b["x"], b["labels"], lengths=b["lengths"])
+            return loss, b["x"].size(0)
+    else:
+        target = model
+        to_ds = lambda exs: LMDataset([(e.prompt, e.completion) for e in exs], tok, block)
+        loss_fn = None
+    torch.manual_seed(train_cfg.seed)
+    if not (method == "full" and route == "generate"):
+        apply_peft(target, method_config(method, **method_opts), tokenizer=tok)
+    report = param_report(target)
+    log(f"{task} / {method} / {route}: {report['trainable']:,} trainable of {report['total']:,} parameters "
+        f"({report['percent']:.2f}%); {len(train_ex)} train, {len(val_ex)} val examples")
+    meta = {"kind": "finetune", "base": str(base_ckpt), "task": task, "method": method, "route": route,
+            "labels": list(labels), "method_options": method_opts, "task_options": task_options or {},
+            "data_spec": base_meta.get("data_spec")}
+    kwargs = {"loss_fn": loss_fn} if loss_fn else {}
+    trainer = Trainer(target, train_cfg, out, tokenizer=tok, meta=meta, device=dev, save_fn=_save_method, **kwargs)
+    if trainer.try_resume():
+        log(f"resuming {out} from step {trainer.step}")
+    result = trainer.fit(to_ds(train_ex), to_ds(val_ex))
+    if result.interrupted:
+        log(f"interrupted at step {result.step}: rerun the same command to resume")
+        return {"interrupted": True, "step": result.step}
+
+    tuned, _, _ = load_finetuned(out, dev)  # the best-by-validation weights
+    results = {"task": task, "method": method, "route": route, "trainable": report["trainable"],
+               "total": report["total"], "trainable_pct": report["percent"], "steps": result.step,
+               "train_time_s": round(result.elapsed, 2), "best_val_loss": result.best_val,
+               "size_bytes": dir_bytes(out / "checkpoint"), "train_examples": len(train_ex)}
+    results.update(evaluate_task(tuned, tok, data, test_ex, route, model_for_nll=backbone(tuned),
+                                 samples=samples, out=out))
+    base_model, _, _ = load_run(base_ckpt, dev)
+    results["forgetting"] = pretrain_nll_delta(base_model, backbone(tuned), tok, base_meta)
+    results["latency_ms"] = latency(tuned, tok, test_ex, route)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def evaluate_task(model, tok, data: TaskData, test_ex, route: str, *, model_for_nll=None, samples: int = 500,
+                  out: Path | None = None) -> dict:
+    """The task's own metric on its test examples (and samples.txt for generative tasks)."""
+    task = data.name
+    lines = []
+    if task in CLASSIFICATION:
+        gold = [e.label for e in test_ex]
+        pred = (ev.head_predictions(model, tok, [BOS + e.item + EOS for e in test_ex], data.labels)
+                if route == "head" else ev.next_token_predictions(model, tok, [e.prompt for e in test_ex]))
+        res = ev.classification_scores(gold, pred, data.labels)
+        res["metric"] = 100 * res["accuracy"]
+        lines = [f"{e.item}\tgold {g}\tpred {p}" for e, g, p in list(zip(test_ex, gold, pred))[:50]]
+    elif task in ("startswith", "endswith"):
+        res = ev.instruction_success(model, tok, test_ex, task)
+        res["metric"] = res["success_pct"]
+        lines = [f"{e.prompt}\t{n}" for e, n in zip(test_ex, res["examples"])]
+    elif task == "last_char":
+        res = ev.exact_match(model, tok, test_ex)
+        res["metric"] = res["exact_match_pct"]
+    elif task == "endswith_a":
+        gen = ev.complete(model, tok, [BOS] * samples, seed=0)
+        res = ev.ending_stats(gen, corpus_from_spec({"data": "names"})["train"])
+        res["metric"] = res["ends_pct"]
+        nll_data = LMDataset(name_pairs([e.item for e in test_ex]), tok)
+        res["nll_endswith_a_test"] = evaluate_loss(model_for_nll or model, nll_data)
+        lines = gen[:100]
+    else:  # instruct: each instruction family on its own
+        res = {}
+        for letter, sub in (("S", "startswith"), ("E", "endswith"), ("G", "gender"), ("C", "origin")):
+            exs = [e for e in test_ex if e.prompt.startswith(letter)]
+            sub_data = TaskData(sub, {"test": exs}, CLASSIFICATION.get(sub, ()))
+            res[sub] = evaluate_task(model, tok, sub_data, exs, "generate")["metric"] if exs else None
+        res["metric"] = sum(v for v in res.values() if v is not None) / max(1, sum(v is not None for v in res.values()))
+    if out is not None and lines:
+        atomic_write_text(Path(out) / "samples.txt", "\n".join(lines) + "\n")
+    return res
+
+
+def pretrain_nll_delta(base_model, tuned_lm, tok, base_meta: dict) -> dict:
+    """Pretraining test NLL before and after fine-tuning (catastrophic forgetting)."""
+    spec = base_meta.get("data_spec")
+    if not spec:
+        return {}
+    items = corpus_from_spec(spec)["test"]
+    data = LMDataset(name_pairs(items), tok)
+    before, after = evaluate_loss(base_model, data), evaluate_loss(tuned_lm, data)
+    return {"pretrain_test_nll_before": before, "pretrain_test_nll_after": after, "delta": after - before}
+
+
+def latency(model, tok, test_ex, route: str) -> dict:
+    """Inference latency (ms) of one forward at batch 1 and batch 256 of task inputs."""
+    texts = [(BOS + e.item + EOS) if route == "head" else e.prompt for e in test_ex] or [BOS]
+    out = {}
+    for b in (1, 256):
+        batch = (texts * (b // len(texts) + 1))[:b]
+        ids, lengths = ev.pad_batch(tok, batch, next(model.parameters()).device)
+        call = (lambda: model(ids, lengths=lengths)) if route == "head" else (lambda: model(ids))
+        out[f"batch_{b}"] = round(ev.latency_ms(call), 3)
+    return out

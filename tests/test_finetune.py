@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+
+from gptlab import GptlabError
+from gptlab.data.tasks import build_task
+from gptlab.evaluate import tasks as ev
+from gptlab.recipes.finetune import finetune, load_finetuned
+from gptlab.train.pretrain import pretrain
+from gptlab.train.trainer import TrainConfig
+
+quiet = lambda *a, **k: None  # noqa: E731
+
+
+def cfg(steps):
+    return TrainConfig(max_steps=steps, eval_every=5, batch_size=32, lr=3e-3, warmup_steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "run"
+    pretrain("names", out, "char-tiny", cfg(20), device="cpu", log=quiet)
+    return out
+
+
+def tune(base, out, task, method, steps=10, **kw):
+    return finetune(base, task, method, out, train_cfg=cfg(steps), device="cpu", limit=300, eval_limit=40,
+                    samples=20, log=quiet, **kw)
+
+
+@pytest.mark.parametrize("method,route", [("lora", "generate"), ("head", "head"), ("prefix", "generate")])
+def test_finetune_writes_a_small_method_file_and_results(base, tmp_path, method, route):
+    r = tune(base, tmp_path / "ft", "gender", method, route=route)
+    saved = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert saved["metric"] == r["metric"] and 0 <= r["metric"] <= 100
+    assert {"trainable", "total", "train_time_s", "latency_ms", "size_bytes", "forgetting", "macro_f1"} <= set(r)
+    assert r["trainable"] < r["total"]
+    base_bytes = (base / "checkpoint" / "model.safetensors").stat().st_size
+    assert r["size_bytes"] < base_bytes  # only the method's weights
+    assert not (tmp_path / "ft" / "checkpoint" / "model.safetensors").exists()
+    # reloading the saved method reproduces the in-run predictions
+    model, tok, meta = load_finetuned(tmp_path / "ft")
+    test = [e for e in build_task("gender", __import__("gptlab.data.names", fromlist=["x"]).load_names())
+            .splits["test"]][:40]
+    assert meta["method"] == method and meta["route"] == route
+    if route == "head":
+        pred = ev.head_predictions(model, tok, ["{" + e.item + "}" for e in test], ("M", "F"))
+    else:
+        pred = ev.next_token_predictions(model, tok, [e.prompt for e in test])
+    assert len(pred) == 40
+
+
+def test_full_finetune_is_a_plain_checkpoint_and_resumes(base, tmp_path):
+    logs = []
+    tune(base, tmp_path / "ft", "endswith_a", "full", steps=6)
+    r = finetune(base, "endswith_a", "full", tmp_path / "ft", train_cfg=cfg(12), device="cpu", limit=300,
+                 eval_limit=40, samples=20, log=logs.append)
+    assert any("resuming" in str(l) and "step 6" in str(l) for l in logs)
+    assert r["steps"] == 12 and "ends_pct" in r and "nll_endswith_a_test" in r
+    assert (tmp_path / "ft" / "checkpoint" / "model.safetensors").exists()
+    model, _, _ = load_finetuned(tmp_path / "ft")
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_bad_finetune_inputs(base, tmp_path):
+    with pytest.raises(GptlabError, match="--route head"):
+        tune(base, tmp_path / "a", "gender", "head")
+    with pytest.raises(GptlabError, match="classification task"):
+        tune(base, tmp_path / "b", "startswith", "lora", route="head")
+    with pytest.raises(GptlabError, match="unknown method"):
+        tune(base, tmp_path / "c", "gender", "dora")
+    with pytest.raises(GptlabError, match="LoRA rank"):
+        tune(base, tmp_path / "d", "gender", "lora", rank=0)
+    with pytest.raises(GptlabError, match="not a fine-tuning run"):
+        load_finetuned(base)
