@@ -141,10 +141,11 @@ class Estimate:
 
 
 def estimate(model, tokens=None, *, batch_size: int = 1, seq_len: int | None = None,
-             utilization: float = 0.4) -> Estimate:
+             utilization: float = 0.4, label: str | None = None) -> Estimate:
     """Memory and compute for `model` (count, preset name or GPTConfig) trained on `tokens`
     (default: Chinchilla's 20 per parameter). Activations need a config (a preset name)."""
-    params, cfg, label = resolve_model(model)
+    params, cfg, resolved = resolve_model(model)
+    label = label or resolved
     if not 0 < utilization <= 1:
         raise GptlabError(f"utilisation must be in (0, 1], got {utilization} (0.4 is typical MFU)")
     if batch_size < 1 or (seq_len is not None and seq_len < 1):
@@ -202,9 +203,9 @@ def _size(x) -> str:
 
 
 def format_estimate(model, tokens=None, *, batch_size: int = 1, seq_len: int | None = None,
-                    utilization: float = 0.4) -> str:
+                    utilization: float = 0.4, label: str | None = None) -> str:
     """The text `gptlab estimate` prints (Markdown tables, readable as plain text)."""
-    e = estimate(model, tokens, batch_size=batch_size, seq_len=seq_len, utilization=utilization)
+    e = estimate(model, tokens, batch_size=batch_size, seq_len=seq_len, utilization=utilization, label=label)
     cols = list(e.training_bytes)
     name = "" if e.label == "--params" else f"{e.label}: "
     out = [f"# {name}{_n(e.params)} parameters ({e.params:,.0f})", "",

@@ -84,7 +84,7 @@ def default_data_dir() -> Path:
 
 def zero_shot_commongen(model_name: str = "smollm2-135m-instruct", data=None, *, split: str = "dev",
                         limit: int | None = 50, batch_size: int = 16, max_new_tokens: int = 32,
-                        chat: bool | None = None, device: str = "cpu") -> dict:
+                        chat: bool | None = None, device: str = "cpu", load=None) -> dict:
     """A pretrained model (anything `load_pretrained` takes) on the first `limit` concept sets of a
     split, zero-shot: instruct models (those with a chat template) are asked through it."""
     from gptlab.data.tokenizer import wrap_tokenizer
@@ -97,7 +97,7 @@ def zero_shot_commongen(model_name: str = "smollm2-135m-instruct", data=None, *,
         examples = examples[:limit]
     if not all(ex.references for ex in examples):
         raise GptlabError(f"the {split!r} split has no references to score against; use dev")
-    model, tok, info = load_pretrained(model_name)
+    model, tok, info = (load or load_pretrained)(model_name)  # `load`: another loader (quantized dirs)
     model = model.to(device)
     tok = wrap_tokenizer(tok, info)
     chat = bool(tok.chat_template) if chat is None else chat

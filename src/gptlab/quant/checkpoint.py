@@ -17,7 +17,7 @@ from gptlab import GptlabError, __version__
 from gptlab.models.config import GPTConfig
 from gptlab.models.gpt import GPT
 from gptlab.models.io import (CONFIG, META, TOKENIZER, WEIGHTS, atomic_dir, load_checkpoint,
-                              read_safetensors, state_dict_for_save)
+                              read_safetensors, state_dict_for_save, write_tokenizer_and_meta)
 from gptlab.quant.formats import FORMATS
 from gptlab.quant.linear import rebuild_quantized
 
@@ -37,13 +37,7 @@ def save_quantized(path: str | Path, model: GPT, tokenizer=None, meta: dict | No
         model.config.save(tmp / CONFIG)
         save_file(state_dict_for_save(model), str(tmp / WEIGHTS), metadata={"gptlab_quant": info["format"]})
         (tmp / QCONFIG).write_text(json.dumps({**info, "gptlab_version": __version__}, indent=2) + "\n")
-        if tokenizer is not None:
-            if hasattr(tokenizer, "save") and not hasattr(tokenizer, "to_str"):
-                tokenizer.save(tmp / TOKENIZER)
-            else:  # an HF tokenizers.Tokenizer
-                tokenizer.save(str(tmp / TOKENIZER))
-        if meta:
-            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_tokenizer_and_meta(tmp, tokenizer, meta)
     return Path(path)
 
 
