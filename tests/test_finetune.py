@@ -74,3 +74,41 @@ def test_bad_finetune_inputs(base, tmp_path):
         tune(base, tmp_path / "d", "gender", "lora", rank=0)
     with pytest.raises(GptlabError, match="not a fine-tuning run"):
         load_finetuned(base)
+
+
+def test_qlora_trains_on_an_nf4_base_and_reloads_it_exactly(base, tmp_path):
+    from gptlab.models.io import read_safetensors
+    from gptlab.quant import quant_modules
+    from gptlab.recipes.finetune import _subset
+
+    run = tmp_path / "ql"
+    r = tune(base, run, "gender", "qlora", steps=20)
+    vals = [json.loads(l)["val_loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    assert vals[-1] < vals[0]  # it learns through the dequantisation
+    assert 0 <= r["metric"] <= 100 and r["trainable"] < r["total"]
+    assert r["size_bytes"] < (base / "checkpoint" / "model.safetensors").stat().st_size / 2  # adapter only
+    assert not (run / "checkpoint" / "model.safetensors").exists()
+    model, tok, meta = load_finetuned(run)
+    assert meta["method"] == "qlora" and meta["quantization"]["format"] == "nf4"
+    qm = quant_modules(model)
+    assert qm and all(q.format == "nf4" for q in qm.values()) and "lm_head" not in qm
+    # the rebuilt base is bit for bit the one trained on (resume/ holds the whole training model),
+    # and so are the adapter weights when the best checkpoint is the last step
+    resume = read_safetensors(run / "resume" / "model.safetensors")
+    best_is_last = json.loads((run / "checkpoint" / "meta.json").read_text())["step"] == r["steps"]
+    for k, v in model.state_dict().items():
+        if k in resume and ("lora_" not in k or best_is_last):
+            assert torch.equal(v, resume[k]), k
+    # and predicts what the run wrote in samples.txt
+    data = build_task("gender", __import__("gptlab.data.names", fromlist=["x"]).load_names())
+    test = _subset(data.splits["test"], 40, "test")
+    pred = ev.next_token_predictions(model, tok, [e.prompt for e in test])
+    written = [l.split("\tpred ")[1] for l in (run / "samples.txt").read_text().splitlines()]
+    assert pred[:len(written)] == written
+    # a changed float base is refused, even though the quantized layers hide most of its weights
+    bad = run / "checkpoint" / "meta.json"
+    m = json.loads(bad.read_text())
+    m["quantization"]["float_base_fingerprint"] = "0" * 16
+    bad.write_text(json.dumps(m))
+    with pytest.raises(GptlabError, match="another base model"):
+        load_finetuned(run)

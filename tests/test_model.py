@@ -78,7 +78,7 @@ def test_loss_ignores_masked_targets():
 
 
 def test_dropout_only_in_training():
-    m = tiny("char-small")
+    m = tiny("char-small", dropout=0.1)
     x = torch.randint(1, 40, (2, 8))
     assert torch.equal(m(x)[0], m(x)[0])
     m.train()

@@ -63,7 +63,11 @@ def cmd_data(a) -> int:
 def cmd_finetune(a) -> int:
     from gptlab.recipes.finetune import finetune
 
+    from gptlab.recipes.finetune import METHOD_LR
+
     targets = a.targets.split(",") if a.targets else None
+    if a.lr is None:
+        a.lr = METHOD_LR.get(a.method, 1e-3)
     r = finetune(a.run, a.task, a.method, a.out, route=a.route, train_cfg=_train_config(a), device=a.device,
                  limit=a.limit, eval_limit=a.eval_limit, rank=a.rank, alpha=a.alpha, lora_dropout=a.lora_dropout,
                  targets=targets, adapter_size=a.adapter_size, placement=a.placement,
@@ -74,6 +78,23 @@ def cmd_finetune(a) -> int:
     print(f"{a.task} / {a.method} ({a.route}): metric {r['metric']:.2f}, {r['trainable']:,} trainable params "
           f"({r['trainable_pct']:.2f}%), {r['train_time_s']:.0f}s, {r['size_bytes'] / 1024:.1f} KiB on disk; "
           f"results in {a.out}/results.json")
+    return 0
+
+
+def cmd_dpo(a) -> int:
+    from gptlab.recipes.dpo import dpo, summary
+
+    targets = a.targets.split(",") if a.targets else None
+    r = dpo(a.base, a.out, data=a.data, names_rule_spec=a.names_rule, method=a.method, beta=a.beta,
+            loss_type=a.loss, label_smoothing=a.label_smoothing, train_cfg=_train_config(a), device=a.device,
+            samples=a.samples, max_pairs=a.pairs, eval_samples=a.eval_samples, kl_samples=a.kl_samples,
+            max_new_tokens=a.max_new_tokens, chat=False if a.no_chat else None, rank=a.rank, alpha=a.alpha,
+            lora_dropout=a.lora_dropout, targets=targets, adapter_size=a.adapter_size,
+            virtual_tokens=a.virtual_tokens, last_k=a.last_k)
+    if r.get("interrupted"):
+        return 130
+    print(summary(r))
+    print(f"results in {a.out}/results.json, per-step metrics in {a.out}/metrics.jsonl")
     return 0
 
 
@@ -104,16 +125,27 @@ def _is_pretrained_source(name: str | None) -> bool:
     from gptlab.models.hf import is_hf_dir
     from gptlab.models.pretrained import PRETRAINED
 
-    return name is not None and (name in PRETRAINED or name.endswith(".gguf") or is_hf_dir(name))
+    if name is not None and (name in PRETRAINED or name.endswith(".gguf") or is_hf_dir(name)):
+        return True
+    # a gptlab checkpoint of a pretrained model (e.g. `gptlab quantize smollm2-135m-instruct --to nf4`)
+    # carries a BPE tokenizer.json, not a character one
+    from pathlib import Path
+
+    for d in ((Path(name), Path(name) / "checkpoint") if name else ()):
+        try:
+            return json.loads((d / "tokenizer.json").read_text()).get("type") != "gptlab-char"
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def _sample_pretrained(a) -> int:
     from gptlab.data.tokenizer import wrap_tokenizer
     from gptlab.generate import chat_prompt, generate_texts
-    from gptlab.models.pretrained import load_pretrained
+    from gptlab.recipes.quantize import load_pretrained_any  # load_pretrained + quantized checkpoints
     from gptlab.train.trainer import resolve_device
 
-    model, tok, info = load_pretrained(a.model or a.run)
+    model, tok, info = load_pretrained_any(a.model or a.run)
     model = model.to(resolve_device(a.device))
     tok = wrap_tokenizer(tok, info)
     chat = not a.no_chat and bool(getattr(tok, "chat_template", None))
@@ -133,7 +165,8 @@ def _sample_pretrained(a) -> int:
 
 def cmd_sample(a) -> int:
     from gptlab.generate import sample_items, sample_stats
-    from gptlab.train.pretrain import corpus_from_spec, load_run
+    from gptlab.recipes.quantize import load_run_any  # load_run that also opens quantized checkpoints
+    from gptlab.train.pretrain import corpus_from_spec
     from gptlab.train.trainer import resolve_device
 
     if a.model or _is_pretrained_source(a.run):
@@ -141,7 +174,7 @@ def cmd_sample(a) -> int:
     if a.run is None:
         raise GptlabError("give a run directory (`gptlab sample RUN`) or a pretrained model (--model NAME)")
     a.n = a.n or 20
-    model, tok, meta = load_run(a.run, resolve_device(a.device))
+    model, tok, meta = load_run_any(a.run, resolve_device(a.device))
     samples = sample_items(model, tok, a.n, a.prompt, seed=a.seed, temperature=a.temperature, top_k=a.top_k,
                            top_p=a.top_p, greedy=a.greedy, max_new_tokens=a.max_new_tokens,
                            use_cache=not a.no_cache)
@@ -156,11 +189,13 @@ def cmd_sample(a) -> int:
 
 def _eval_commongen(a) -> int:
     from gptlab.evaluate.commongen import zero_shot_commongen
+    from gptlab.recipes.quantize import load_pretrained_any
     from gptlab.train.trainer import resolve_device
 
     r = zero_shot_commongen(a.model or a.run, a.data, split=a.split or "dev", limit=a.limit,
                             batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                            chat=False if a.no_chat else None, device=resolve_device(a.device))
+                            chat=False if a.no_chat else None, device=resolve_device(a.device),
+                            load=load_pretrained_any)
     if a.json:
         print(json.dumps(r))
     else:
@@ -179,7 +214,9 @@ def cmd_eval(a) -> int:
     if a.model or a.run is None:
         raise GptlabError("give a run directory (`gptlab eval RUN`), or --model NAME --task commongen")
     a.split = a.split or "test"
-    r = evaluate_run(a.run, a.split, resolve_device(a.device))
+    from gptlab.recipes.quantize import load_run_any
+
+    r = evaluate_run(a.run, a.split, resolve_device(a.device), load=load_run_any)
     if a.json:
         print(json.dumps(r))
     else:
@@ -192,8 +229,10 @@ def cmd_compare(a) -> int:
     from gptlab.recipes.compare import compare
 
     methods = a.methods.split(",") if a.methods else None
+    method_lr = a.lr is None  # each method at its own default learning rate
+    a.lr = a.lr or 1e-3
     r = compare(a.run, a.task, a.out, methods=methods, train_cfg=_train_config(a), device=a.device, limit=a.limit,
-                eval_limit=a.eval_limit, sweeps=not a.no_sweeps)
+                eval_limit=a.eval_limit, sweeps=not a.no_sweeps, method_lr=method_lr)
     print(f"{len(r['rows'])} methods compared: {a.out}/report.md")
     return 0
 
@@ -214,6 +253,62 @@ def cmd_demo(a) -> int:
 
     report = run_demo(a.out, quick=a.quick, device=a.device)
     print(f"report: {report}")
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from gptlab.recipes.quantize import compare_source, quantize_source
+
+    if bool(a.to) == bool(a.compare):
+        raise GptlabError("give either --to FORMAT --out DIR (write a quantized checkpoint) or --compare "
+                          "(every format side by side)")
+    opts = {"block_size": a.block_size, "skip": a.skip, "embeddings": a.embeddings}
+    if a.to:
+        if not a.out:
+            raise GptlabError("--to needs --out DIR: where the quantized checkpoint goes")
+        r = quantize_source(a.run, a.to, a.out, **opts)
+        layers = f", {r['layers']} layers quantized" if r["layers"] else ""
+        hint = (f"`gptlab sample {a.out}` and `gptlab eval {a.out}`" if r["has_data_spec"] else
+                f"`gptlab sample --model {a.out} --prompt ...` and `gptlab eval --task commongen --model {a.out}`")
+        print(f"{a.to}: {a.out} ({r['bytes'] / 1e6:.2f} MB, {r['float_bytes'] / r['bytes']:.2f}x smaller than "
+              f"fp32{layers}); try {hint}")
+        return 0
+    formats = [f.strip() for f in a.formats.split(",") if f.strip()] if a.formats else None
+    r = compare_source(a.run, a.out, formats=formats, limit=a.limit, data=a.data, repeats=a.repeats,
+                       log=lambda m: print(m, file=sys.stderr), **opts)
+    print(r["table"])
+    print(f"\nplot: {r['png']}\nreport: {r['report']}")
+    return 0
+
+
+def cmd_precision(a) -> int:
+    from gptlab.recipes.quantize import precision_text
+
+    print(precision_text(a.run))
+    return 0
+
+
+def cmd_estimate(a) -> int:
+    from gptlab.calc import format_estimate
+
+    given = [x for x in (a.run, a.params, a.preset) if x is not None]
+    if len(given) != 1:
+        raise GptlabError("give exactly one model: --params 175e9, --preset NAME or a run directory")
+    label = None
+    model = a.params if a.params is not None else a.preset
+    if a.run is not None:
+        from pathlib import Path
+
+        from gptlab.calc import REFERENCE_MODELS
+        from gptlab.models.config import PRESETS, GPTConfig
+        from gptlab.models.io import CONFIG, resolve_checkpoint
+
+        if a.run in PRESETS or a.run in REFERENCE_MODELS or not Path(a.run).exists():
+            model = a.run  # a model name (or a count); calc explains what it cannot read
+        else:
+            model, label = GPTConfig.load(resolve_checkpoint(a.run) / CONFIG), str(a.run)
+    print(format_estimate(model, a.tokens, batch_size=a.batch_size, seq_len=a.seq_len,
+                          utilization=a.utilization, label=label))
     return 0
 
 
@@ -266,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prefix-projection", type=int, default=None, help="prefix MLP width (reparameterisation)")
     m.add_argument("--last-k", type=int, default=1, help="blocks to unfreeze for --method lastk")
     _train_args(s)
-    s.set_defaults(fn=cmd_finetune, max_steps=500, eval_every=100, lr=1e-3, warmup_steps=20)
+    s.set_defaults(fn=cmd_finetune, max_steps=500, eval_every=100, lr=None, warmup_steps=20)
 
     s = sub.add_parser("compare", help="every fine-tuning method on one task: report.md, charts, JSON")
     s.add_argument("run", help="the pretrained run or checkpoint directory")
@@ -277,7 +372,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None, help="at most this many training examples per run")
     s.add_argument("--eval-limit", type=int, default=2000)
     _train_args(s)
-    s.set_defaults(fn=cmd_compare, max_steps=500, eval_every=100, lr=1e-3, warmup_steps=20)
+    s.set_defaults(fn=cmd_compare, max_steps=500, eval_every=100, lr=None, warmup_steps=20)
+
+    from gptlab.recipes.dpo import METHODS as DPO_METHODS
+
+    s = sub.add_parser("dpo", help="preference tuning (DPO/IPO) from a JSONL of pairs or a names rule (resumable)")
+    s.add_argument("base", help="a gptlab run, a pretrained preset (smollm2-135m-instruct), a .gguf or HF directory")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help='JSONL of {"prompt", "chosen", "rejected"} objects')
+    src.add_argument("--names-rule", help="names run: pairs from its own samples, preferring "
+                     "indian | endswith:S | startswith:S")
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", choices=DPO_METHODS, default="lora")
+    s.add_argument("--beta", type=float, default=0.1, help="strength of the pull to the reference")
+    s.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid")
+    s.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid loss)")
+    s.add_argument("--samples", type=int, default=2000, help="names rule: samples drawn to build the pairs")
+    s.add_argument("--pairs", type=int, default=None, help="names rule: at most this many pairs")
+    s.add_argument("--eval-samples", type=int, default=1000, help="names rule: samples for the before/after share")
+    s.add_argument("--kl-samples", type=int, default=256, help="policy samples for the KL estimate")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="KL samples' length limit (pretrained models)")
+    s.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the model's chat template")
+    m = s.add_argument_group("method options")
+    m.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    m.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    m.add_argument("--lora-dropout", type=float, default=0.0)
+    m.add_argument("--targets", default=None, help="LoRA target modules, comma-separated name suffixes")
+    m.add_argument("--adapter-size", type=int, default=16)
+    m.add_argument("--virtual-tokens", type=int, default=8)
+    m.add_argument("--last-k", type=int, default=1)
+    _train_args(s)
+    s.set_defaults(fn=cmd_dpo, max_steps=100, batch_size=32, lr=5e-4, warmup_steps=10)
 
     s = sub.add_parser("sample", help="sample from a run, or generate text with a pretrained model")
     s.add_argument("run", nargs="?", help="run directory or checkpoint directory")
@@ -327,6 +452,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
     s.add_argument("--device", default="auto")
     s.set_defaults(fn=cmd_demo)
+
+    from gptlab.quant import ALL_FORMATS
+
+    s = sub.add_parser("quantize", help="write a quantized checkpoint (--to), or compare every format (--compare)")
+    s.add_argument("run", help="run or checkpoint directory, or a pretrained model (smollm2-135m-instruct, "
+                   ".gguf, HF directory)")
+    s.add_argument("--to", choices=ALL_FORMATS, default=None, help="the format of the checkpoint to write")
+    s.add_argument("--out", default=None, help="--to: the new checkpoint directory; --compare: where the "
+                   "report goes (default RUN/quantization)")
+    s.add_argument("--compare", action="store_true", help="size, memory, weight error, test NLL change and "
+                   "speed of every format; writes report.md + quant_compare.png")
+    s.add_argument("--formats", default=None, help="--compare: comma-separated subset of the formats")
+    s.add_argument("--block-size", type=int, default=None, help="weights per block for the blockwise formats "
+                   "(default 64)")
+    s.add_argument("--skip", default=None, help="comma-separated layers kept in float (default lm_head; "
+                   "'' quantizes every Linear)")
+    s.add_argument("--embeddings", action="store_true", help="quantize the embedding tables too")
+    s.add_argument("--limit", type=int, default=None, help="--compare: at most this many test items "
+                   "(pretrained models: CommonGen dev sentences, default 32)")
+    s.add_argument("--data", default=None, help="--compare on a pretrained model: CommonGen directory "
+                   "(default $GPTLAB_COMMONGEN or ../shared/data/commongen)")
+    s.add_argument("--repeats", type=int, default=5, help="--compare: timed forwards per format")
+    s.set_defaults(fn=cmd_quantize)
+
+    s = sub.add_parser("precision", help="fp32/fp16/bf16/int8: bits, range, steps; with RUN its round-trip errors")
+    s.add_argument("run", nargs="?", default=None, help="run/checkpoint directory or pretrained model")
+    s.set_defaults(fn=cmd_precision)
+
+    s = sub.add_parser("estimate", help="memory, FLOPs, Chinchilla tokens and GPU-days for a model size")
+    s.add_argument("run", nargs="?", default=None, help="a run/checkpoint directory (its config.json)")
+    s.add_argument("--params", default=None, help="parameter count: 175e9, 7B, 135M")
+    s.add_argument("--preset", default=None, help="a named shape (char-small, smollm2-135m, gpt3-175b, ...)")
+    s.add_argument("--tokens", default=None, help="training tokens (default: 20 per parameter)")
+    s.add_argument("--batch-size", type=int, default=1)
+    s.add_argument("--seq-len", type=int, default=None, help="default: the model's context")
+    s.add_argument("--utilization", type=float, default=0.4, help="model FLOPs utilisation for GPU-days")
+    s.set_defaults(fn=cmd_estimate)
     return p
 
 
@@ -340,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gptlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gptlab ... | head`: the reader left, nothing more to say
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def describe(records: list[NameRecord]) -> str:
         f"names corpus: {len(records)} first names (ASCII letters, top {MAX_RANK} in some country), "
         f"{len(set(''.join(r.name for r in records)))} distinct characters, "
         f"length {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.1f})",
-        f"splits (SHA-1 of the name, 90/5/5): " + ", ".join(f"{s} {splits[s]}" for s in SPLITS),
+        "splits (SHA-1 of the name, 90/5/5): " + ", ".join(f"{s} {splits[s]}" for s in SPLITS),
         f"gender (larger probability >= {GENDER_MIN_PROB}): M {gender['M']}, F {gender['F']}, "
         f"unlabeled {gender['unlabeled']}",
         f"origin (I: India has the largest share; O: India's share < {OTHER_MAX_INDIA_SHARE}): "

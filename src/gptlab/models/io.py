@@ -99,17 +99,22 @@ def load_weights_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], sourc
     model.load_state_dict(sd, strict=False, assign=assign)
 
 
+def write_tokenizer_and_meta(directory: Path, tokenizer=None, meta: dict | None = None) -> None:
+    """tokenizer.json (gptlab's or an HF `tokenizers.Tokenizer`) and meta.json into a checkpoint dir."""
+    if tokenizer is not None:
+        if hasattr(tokenizer, "save") and not hasattr(tokenizer, "to_str"):
+            tokenizer.save(directory / TOKENIZER)
+        else:  # an HF tokenizers.Tokenizer
+            tokenizer.save(str(directory / TOKENIZER))
+    if meta:
+        (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def save_checkpoint(path: str | Path, model: GPT, tokenizer=None, meta: dict | None = None) -> Path:
     with atomic_dir(path) as tmp:
         model.config.save(tmp / CONFIG)
         save_file(state_dict_for_save(model), str(tmp / WEIGHTS))
-        if tokenizer is not None:
-            if hasattr(tokenizer, "save") and not hasattr(tokenizer, "to_str"):
-                tokenizer.save(tmp / TOKENIZER)
-            else:  # an HF tokenizers.Tokenizer
-                tokenizer.save(str(tmp / TOKENIZER))
-        if meta:
-            (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_tokenizer_and_meta(tmp, tokenizer, meta)
     return Path(path)
 
 

@@ -6,6 +6,7 @@ interrupted resumes where it stopped (finished runs are read back from their res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from gptlab.data.names import load_names
 from gptlab.data.tasks import CLASSIFICATION, build_task
 from gptlab.evaluate import tasks as ev
 from gptlab.models.io import atomic_write_text
-from gptlab.recipes.finetune import METHODS, finetune
+from gptlab.recipes.finetune import METHOD_LR, METHODS, finetune
 from gptlab.report.plots import bar_chart, sweep_chart
 from gptlab.train.trainer import TrainConfig
 
@@ -31,7 +32,9 @@ CLASSIFY_LINEUP = [
     ("prompt P=8", "prompt", "generate", {"virtual_tokens": 8}),
     ("prefix P=8", "prefix", "generate", {"virtual_tokens": 8}),
 ]
-SWEEPS = {"adapter": ("adapter_size", (2, 8, 32)), "lora": ("rank", (1, 4, 16))}
+# extra points for the metric-vs-size chart; the line-up's adapter m=16 and LoRA r=8 join them
+SWEEPS = {"adapter": ("adapter_size", (2, 64)), "lora": ("rank", (2, 32))}
+LINEUP_KNOBS = {"adapter": ("adapter_size", 16), "lora": ("rank", 8)}
 
 
 def lineup_for(task: str, methods: list[str] | None = None) -> list[tuple[str, str, str, dict]]:
@@ -44,10 +47,14 @@ def lineup_for(task: str, methods: list[str] | None = None) -> list[tuple[str, s
     return rows
 
 
-def _run(base, task, method, route, opts, out: Path, train_cfg, device, limit, eval_limit, log) -> dict:
+def _run(base, task, method, route, opts, out: Path, train_cfg, device, limit, eval_limit, log,
+         method_lr: bool = True) -> dict:
     done = out / "results.json"
     if done.exists():
         return json.loads(done.read_text())
+    if method_lr:
+        train_cfg = dataclasses.replace(train_cfg or TrainConfig(max_steps=500, eval_every=100, warmup_steps=20),
+                                        lr=METHOD_LR[method])
     r = finetune(base, task, method, out, route=route, train_cfg=train_cfg, device=device, limit=limit,
                  eval_limit=eval_limit, log=log, **opts)
     if r.get("interrupted"):
@@ -57,24 +64,29 @@ def _run(base, task, method, route, opts, out: Path, train_cfg, device, limit, e
 
 def compare(base: str | Path, task: str, out: str | Path, *, methods: list[str] | None = None,
             train_cfg: TrainConfig | None = None, device: str = "auto", limit: int | None = None,
-            eval_limit: int | None = 2000, sweeps: bool = True, log=print) -> dict:
+            eval_limit: int | None = 2000, sweeps: bool = True, method_lr: bool = True, log=print) -> dict:
+    """`method_lr`: each method at its METHOD_LR learning rate instead of train_cfg.lr."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, method, route, opts in lineup_for(task, methods):
         log(f"-- {label}")
         r = _run(base, task, method, route, opts, out / "runs" / f"{method}-{route}-{_tag(opts)}", train_cfg,
-                 device, limit, eval_limit, log)
+                 device, limit, eval_limit, log, method_lr)
         rows.append({"label": label, **r})
     sweep_rows = []
     if sweeps:
+        for r in rows:
+            if r["method"] in SWEEPS and r["route"] == "generate":
+                knob, v = LINEUP_KNOBS[r["method"]]
+                sweep_rows.append({"method": r["method"], knob: v, "trainable": r["trainable"], "metric": r["metric"]})
         for method, (knob, values) in SWEEPS.items():
             if methods and method not in methods:
                 continue
             for v in values:
                 log(f"-- sweep {method} {knob}={v}")
                 r = _run(base, task, method, "generate", {knob: v}, out / "runs" / f"{method}-generate-{knob}{v}",
-                         train_cfg, device, limit, eval_limit, log)
+                         train_cfg, device, limit, eval_limit, log, method_lr)
                 sweep_rows.append({"method": method, knob: v, "trainable": r["trainable"], "metric": r["metric"]})
     baselines = classification_baselines(task, eval_limit) if task in CLASSIFICATION else {}
     result = {"task": task, "base": str(base), "rows": rows, "sweeps": sweep_rows, "baselines": baselines}

@@ -11,7 +11,7 @@ linear head on the last token's hidden state).
 from __future__ import annotations
 
 import json
-import time
+import math
 from pathlib import Path
 
 import torch
@@ -29,7 +29,17 @@ from gptlab.peft.api import backbone
 from gptlab.train.pretrain import corpus_from_spec, load_run
 from gptlab.train.trainer import Trainer, TrainConfig, evaluate_loss, resolve_device
 
-METHODS = ("full", "head", "bitfit", "lastk", "adapter", "lora", "prompt", "prefix")
+METHODS = ("full", "head", "bitfit", "lastk", "adapter", "lora", "qlora", "prompt", "prefix")
+# QLoRA (Dettmers et al. 2023): LoRA on a frozen base whose Linear layers are stored in NF4 (lm_head
+# and the embeddings stay float, as quant.quantize_model's defaults); gradients flow through the
+# dequantisation into the adapters
+QLORA_FORMAT = "nf4"
+
+
+# default learning rates: the fewer (and the more indirect) the trainable parameters, the larger the
+# step they need (prompt tuning papers use 0.3 with Adafactor; LoRA ~1e-4 on large models, more here)
+METHOD_LR = {"full": 1e-3, "head": 1e-2, "bitfit": 1e-2, "lastk": 2e-3, "adapter": 3e-3, "lora": 3e-3,
+             "qlora": 3e-3, "prompt": 3e-2, "prefix": 1e-2}
 
 
 def method_config(method: str, *, rank: int = 8, alpha: float | None = None, lora_dropout: float = 0.0,
@@ -47,7 +57,7 @@ def method_config(method: str, *, rank: int = 8, alpha: float | None = None, lor
         return last_k_blocks(last_k)
     if method == "adapter":
         return AdapterConfig(size=adapter_size, placement=placement)
-    if method == "lora":
+    if method in ("lora", "qlora"):
         return LoraConfig(r=rank, alpha=float(alpha if alpha is not None else rank), dropout=lora_dropout,
                           targets=targets)
     if method == "prompt":
@@ -74,6 +84,26 @@ def _save_method(path, model, tokenizer, meta):
     tokenizer.save(Path(path) / "tokenizer.json")
 
 
+def quantize_base(model, recorded: dict | None = None, where: str = "") -> dict:
+    """QLoRA's base: quantize `model` (the float GPT, before any method) in place, as `recorded`
+    says (default NF4) and return what to record in meta.json. Rebuilding from the same float base
+    gives the same codes, so the adapter's base fingerprint matches; the float base's own
+    fingerprint is checked too, since the quantized one sees only the layers left in float."""
+    from gptlab.peft.api import base_fingerprint
+    from gptlab.quant import DEFAULT_BLOCK, DEFAULT_SKIP, quantize_model
+
+    fingerprint = base_fingerprint(model)
+    rec = recorded or {"format": QLORA_FORMAT, "block_size": DEFAULT_BLOCK, "skip": list(DEFAULT_SKIP),
+                       "embeddings": False}
+    if recorded and recorded.get("float_base_fingerprint") not in (None, fingerprint):
+        raise GptlabError(f"{where or 'this QLoRA run'} was trained on another base model (float fingerprint "
+                          f"{recorded['float_base_fingerprint']} vs {fingerprint}): restore the base run it names")
+    quantize_model(model, rec["format"], block_size=rec["block_size"], skip=rec["skip"],
+                   embeddings=rec["embeddings"])
+    return {"format": rec["format"], "block_size": rec["block_size"], "skip": list(rec["skip"]),
+            "embeddings": rec["embeddings"], "float_base_fingerprint": fingerprint}
+
+
 def load_finetuned(run: str | Path, device="cpu"):
     """(tuned model or classifier, tokenizer, meta) of a fine-tuning run directory."""
     ckpt = Path(run) / "checkpoint" if (Path(run) / "checkpoint").is_dir() else Path(run)
@@ -84,6 +114,8 @@ def load_finetuned(run: str | Path, device="cpu"):
         model, tok, _ = load_checkpoint(ckpt, device)
         return model, tok, meta
     model, tok, _ = load_run(meta["base"], device)
+    if meta.get("quantization"):  # qlora: the same quantized base the adapter was trained on
+        quantize_base(model, meta["quantization"], where=str(run))
     target = SequenceClassifier(model, len(meta["labels"])).to(device) if meta["route"] == "head" else model
     load_peft(target, ckpt)
     return target.eval(), tok, meta
@@ -107,10 +139,13 @@ def finetune(base: str | Path, task: str, method: str, out: str | Path, *, route
         raise GptlabError("--method head trains a classification head: add --route head")
     base_ckpt = resolve_checkpoint(base).resolve()
     model, tok, base_meta = load_run(base_ckpt, dev)
+    quantization = quantize_base(model) if method == "qlora" else None
     data: TaskData = build_task(task, load_names(), **(task_options or {}))
     train_cfg = train_cfg or TrainConfig(max_steps=500, eval_every=100, lr=1e-3, warmup_steps=20)
     block = model.config.block_size
     labels = data.labels
+    if method == "prompt":  # virtual tokens take context positions
+        block -= method_opts.get("virtual_tokens", PromptTuningConfig.num_virtual_tokens)
     fits = lambda exs: [e for e in exs if len(e.prompt) + len(e.completion) <= block + 1]  # chars = tokens
     dropped = len(data.splits["train"]) - len(fits(data.splits["train"]))
     if dropped:
@@ -136,11 +171,19 @@ def finetune(base: str | Path, task: str, method: str, out: str | Path, *, route
     if not (method == "full" and route == "generate"):
         apply_peft(target, method_config(method, **method_opts), tokenizer=tok)
     report = param_report(target)
+    if quantization:  # the NF4 weights are buffers, not parameters: count them in the total
+        from gptlab.quant import quant_modules
+
+        frozen = sum(math.prod(q.shape) for q in quant_modules(target).values() if q.tied_to is None)
+        report = {**report, "total": report["total"] + frozen,
+                  "percent": 100.0 * report["trainable"] / max(report["total"] + frozen, 1)}
     log(f"{task} / {method} / {route}: {report['trainable']:,} trainable of {report['total']:,} parameters "
         f"({report['percent']:.2f}%); {len(train_ex)} train, {len(val_ex)} val examples")
     meta = {"kind": "finetune", "base": str(base_ckpt), "task": task, "method": method, "route": route,
             "labels": list(labels), "method_options": method_opts, "task_options": task_options or {},
             "data_spec": base_meta.get("data_spec")}
+    if quantization:
+        meta["quantization"] = quantization
     kwargs = {"loss_fn": loss_fn} if loss_fn else {}
     trainer = Trainer(target, train_cfg, out, tokenizer=tok, meta=meta, device=dev, save_fn=_save_method, **kwargs)
     if trainer.try_resume():

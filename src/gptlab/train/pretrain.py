@@ -94,13 +94,16 @@ def load_run(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def evaluate_run(path: str | Path, split: str = "test", device: str | torch.device = "cpu",
-                 batch_size: int = 512) -> dict:
-    """NLL per character (nats) and perplexity of a run on a split of its own data."""
+                 batch_size: int = 512, load=None) -> dict:
+    """NLL per character (nats) and perplexity of a run on a split of its own data.
+
+    `load(path, device) -> (model, tokenizer, meta)` replaces `load_run` (the CLI passes one that
+    also opens quantized checkpoints, which this layer does not know)."""
     from gptlab.train.trainer import evaluate_loss
 
     if split not in ("train", "val", "test"):
         raise GptlabError(f"unknown split {split!r}: use train, val or test")
-    model, tok, meta = load_run(path, device)
+    model, tok, meta = (load or load_run)(path, device)
     if "data_spec" not in meta:
         raise GptlabError(f"{path} does not say which data it was trained on (meta.json): cannot rebuild the split")
     items = corpus_from_spec(meta["data_spec"])[split]

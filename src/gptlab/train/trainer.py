@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gptlab import GptlabError
-from gptlab.models.io import atomic_dir, is_checkpoint, save_checkpoint
+from gptlab.models.io import is_checkpoint, save_checkpoint
 from gptlab.train.dist import Dist, setup as setup_dist
 
 STATE_FILE = "trainer_state.pt"
@@ -33,9 +33,9 @@ STATE_FILE = "trainer_state.pt"
 @dataclass
 class TrainConfig:
     max_steps: int = 3000
-    batch_size: int = 64  # per rank under torchrun: the global batch is batch_size x world size
+    batch_size: int = 32  # per rank under torchrun: the global batch is batch_size x world size
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     schedule: str = "cosine"  # "cosine" | "constant"
@@ -186,8 +186,11 @@ class TrainResult:
 class Trainer:
     def __init__(self, model, cfg: TrainConfig, out_dir: str | Path, *, tokenizer=None, meta: dict | None = None,
                  loss_fn: Callable = lm_loss, device: str | torch.device = "auto",
-                 save_fn: Callable | None = None, strategy: str = "none"):
+                 save_fn: Callable | None = None, strategy: str = "none", log_fn: Callable | None = None):
         self.model, self.cfg, self.out = model, cfg, Path(out_dir)
+        # log_fn() -> dict: extra training metrics merged into each logged step's record (e.g. the DPO
+        # rewards a loss_fn collected since the last log line); rank 0's values under torchrun
+        self.log_fn = log_fn
         self.tokenizer, self.meta, self.loss_fn = tokenizer, dict(meta or {}), loss_fn
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         # strategy ddp|fsdp: this rank's share of the work; its device is cuda:LOCAL_RANK on GPUs
@@ -360,6 +363,8 @@ class Trainer:
                     tokens_since, t_since = 0, now
                     rec = {"step": self.step, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tps, 1),
                            "elapsed": round(self.elapsed, 2)}
+                    if self.log_fn is not None:
+                        rec.update(self.log_fn())
                     self._log(rec)
                     result.history.append(rec)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
