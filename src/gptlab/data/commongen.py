@@ -14,11 +14,11 @@ The test split ships without references; such examples carry an empty `reference
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab import GptlabError
+from gptlab.data.jsonl import read_jsonl
 
 PROMPT_TEMPLATE = "Concepts: {concepts}\nSentence:"
 
@@ -99,17 +99,8 @@ def _lines(path: Path) -> list[str]:
 
 
 def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptlabError(f"{path}:{i}: invalid JSON ({e.msg}); each line must be one JSON object")
-            if not isinstance(row, dict):
-                raise GptlabError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            yield _parse_row(row, f"{path}:{i}")
+    for row, where in read_jsonl(path):
+        yield _parse_row(row, where)
 
 
 def _parse_row(row: dict, where: str):

@@ -7,11 +7,11 @@ useless gradient (chosen == rejected gives exactly zero DPO gradient).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptlab import GptlabError
+from gptlab.data.jsonl import read_jsonl
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -50,16 +50,8 @@ def load_preferences(path: str | Path) -> list[PreferencePair]:
         raise GptlabError(f"preference file not found: {path}; give a JSONL file of "
                           f"{{\"prompt\", \"chosen\", \"rejected\"}} objects")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GptlabError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno}); "
-                                  "each line must be one JSON object")
-            pairs.append(parse_pair(row, f"{path}:{i}"))
+    for row, where in read_jsonl(path):
+        pairs.append(parse_pair(row, where))
     if not pairs:
         raise GptlabError(f"no preference pairs in {path}; the file is empty")
     return pairs

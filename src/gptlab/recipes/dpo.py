@@ -384,10 +384,9 @@ def base_key(base: str | Path) -> str:
 
 def load_dpo(run: str | Path, device="cpu"):
     """(tuned model, tokenizer, meta) of a `gptlab dpo` run directory (or its checkpoint/)."""
-    ckpt = Path(run) / "checkpoint" if (Path(run) / "checkpoint").is_dir() else Path(run)
-    meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").exists() else {}
-    if meta.get("kind") != "dpo":
-        raise GptlabError(f"{run} is not a DPO run: give a directory written by `gptlab dpo`")
+    from gptlab.recipes.finetune import method_run
+
+    ckpt, meta = method_run(run, "dpo", "DPO")
     if is_checkpoint(ckpt):
         model, tok, _ = load_checkpoint(ckpt, device)
         return model.eval(), wrap_tokenizer(tok, model.config.extra), meta

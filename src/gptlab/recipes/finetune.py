@@ -104,12 +104,18 @@ def quantize_base(model, recorded: dict | None = None, where: str = "") -> dict:
             "embeddings": rec["embeddings"], "float_base_fingerprint": fingerprint}
 
 
-def load_finetuned(run: str | Path, device="cpu"):
-    """(tuned model or classifier, tokenizer, meta) of a fine-tuning run directory."""
+def method_run(run: str | Path, kind: str, label: str) -> tuple[Path, dict]:
+    """(checkpoint dir, meta) of a run written by `gptlab <kind>` (a finetune or dpo run)."""
     ckpt = Path(run) / "checkpoint" if (Path(run) / "checkpoint").is_dir() else Path(run)
     meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").exists() else {}
-    if meta.get("kind") != "finetune":
-        raise GptlabError(f"{run} is not a fine-tuning run: give a directory written by `gptlab finetune`")
+    if meta.get("kind") != kind:
+        raise GptlabError(f"{run} is not a {label} run: give a directory written by `gptlab {kind}`")
+    return ckpt, meta
+
+
+def load_finetuned(run: str | Path, device="cpu"):
+    """(tuned model or classifier, tokenizer, meta) of a fine-tuning run directory."""
+    ckpt, meta = method_run(run, "finetune", "fine-tuning")
     if is_checkpoint(ckpt):
         model, tok, _ = load_checkpoint(ckpt, device)
         return model, tok, meta

@@ -10,6 +10,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _finish(fig, ax, path, title: str, legend: bool = True) -> Path:
+    """Title, grid, legend, save as PNG and free the figure."""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def loss_curve(history: list[dict], path: str | Path, title: str = "pretraining") -> Path:
     """Train loss per logged step and validation loss per evaluation, in nats per token."""
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
@@ -21,13 +33,7 @@ def loss_curve(history: list[dict], path: str | Path, title: str = "pretraining"
         ax.plot(*zip(*val), "o-", label="val", lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / char)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path, title)
 
 
 def bar_chart(labels: list[str], values: list[float], path: str | Path, title: str,
@@ -64,10 +70,4 @@ def sweep_chart(rows: list[dict], path: str | Path, title: str) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("metric")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path, title)
