@@ -6,6 +6,8 @@ without it every step re-runs the whole sequence (the baseline the benchmark com
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from gptlab import GptlabError
@@ -35,16 +37,61 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k=None, top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _last_logits(model, ids, cache):
+    """(B, V) logits of the last position; the step that `compile=True` compiles."""
+    return model(ids, cache=cache, last_only=True)[0][:, -1, :]
+
+
+_static_caches = weakref.WeakKeyDictionary()  # model -> its last StaticKVCache
+_compiled_steps = {}  # device type -> compiled _last_logits
+
+
+def _static_cache(model, batch_size: int, length: int):
+    """The model's StaticKVCache for this shape, reused across calls: a CUDA graph then replays on
+    the same buffers instead of being recorded again. The length is rounded up to a multiple of 64
+    so that calls with slightly different lengths share one compiled step."""
+    max_len = min(-(-length // 64) * 64, model.config.block_size)
+    cache, p = _static_caches.get(model), model.transformer.ln_f.weight
+    if cache is None or (cache.k[0].shape[0], cache.max_len, cache.k[0].dtype, cache.k[0].device) != \
+            (batch_size, max_len, p.dtype, p.device):
+        cache = _static_caches[model] = model.new_cache(batch_size, max_len, static=True)
+    cache.reset()
+    return cache
+
+
+def _compiled_step(device: torch.device):
+    """_last_logits compiled once per process and device type: CUDA graphs on CUDA, where launching
+    the ~10 kernels per layer of a one-token step one by one costs more than running them."""
+    if device.type not in _compiled_steps:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        _compiled_steps[device.type] = torch.compile(_last_logits, mode=mode, dynamic=False)
+    return _compiled_steps[device.type]
+
+
+def _check_static(model, use_cache: bool) -> None:
+    if not use_cache:
+        raise GptlabError("static/compiled decoding keeps a KV cache: drop use_cache=False")
+    if not hasattr(model, "new_cache") or getattr(model, "prompt", None) is not None or \
+            any(getattr(m, "prefix", None) is not None for m in model.modules()):
+        raise GptlabError("static/compiled decoding needs a plain gptlab GPT (no prompt or prefix tuning): "
+                          "use static=False, compile=False")
+
+
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
              stop_id=None, use_cache: bool = True, generator: torch.Generator | None = None,
-             on_token=None) -> torch.Tensor:
+             on_token=None, static: bool = False, compile: bool = False) -> torch.Tensor:
     """Continue a (B, T) batch of equal-length prompts; returns (B, T + new) ids.
 
     Rows that produced `stop_id` (an id or several, e.g. EOS and end-of-turn) are padded with it
     (the first) afterwards; generation ends when all rows stopped, at max_new_tokens, or at the
-    model's context length. `on_token(ids)` streams."""
+    model's context length. `on_token(ids)` streams.
+
+    `static=True` decodes with a StaticKVCache (fixed shapes, position on the device) and
+    `compile=True` (implies static) also compiles the one-token step, as CUDA graphs on CUDA: the
+    fast path for small models, where per-kernel launch overhead dominates. The first call per batch
+    size compiles (tens of seconds); greedy output equals the default path up to float noise."""
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1):
         raise GptlabError("temperature must be >= 0 and top_p in (0, 1]")
     block = model.config.block_size - getattr(model, "num_virtual_tokens", 0)  # prompt tuning takes positions
@@ -54,16 +101,26 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
     if T >= block:
         raise GptlabError(f"the prompt has {T} tokens but the context holds {block}: shorten the prompt")
     max_new_tokens = min(max_new_tokens, block - T)
+    static = static or compile
+    if static:
+        _check_static(model, use_cache)
     was_training = model.training
     model.eval()
     seq = prompt
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     stops = None if stop_id is None else torch.as_tensor(stop_id, dtype=torch.long, device=prompt.device).flatten()
-    cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
+    if static:
+        cache = _static_cache(model, B, T + max_new_tokens)
+    else:
+        cache = model.new_cache(B, T + max_new_tokens) if use_cache else None
+    decode = _compiled_step(prompt.device) if compile else _last_logits
     step_input = prompt
-    for _ in range(max_new_tokens):
-        logits, _ = model(step_input if use_cache else seq, cache=cache, last_only=True)
-        nxt = next_token(logits[:, -1, :], temperature, top_k, top_p, greedy, generator)
+    for i in range(max_new_tokens):
+        if i and compile:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: reuse them
+        step = decode if i else _last_logits  # the prompt (prefill) runs eagerly: its shape varies
+        logits = step(model, step_input if use_cache else seq, cache)
+        nxt = next_token(logits, temperature, top_k, top_p, greedy, generator)
         if stops is not None:
             nxt = torch.where(done, stops[0], nxt)
             done |= torch.isin(nxt, stops)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.models.config import GPTConfig
+from gptlab.models.loss import IGNORE, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -83,6 +84,53 @@ class KVCache:
         self.v = [v[index] for v in self.v]
 
 
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=True exists
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose shapes never change, so that a one-token decode step can be compiled once and
+    replayed as a CUDA graph: `pos` is a device tensor (no host sync, no recompile per position),
+    each step writes its keys/values at `pos` and attends over all `max_len` slots with a mask of
+    the filled ones. The masked slots cost a little bandwidth; the launches saved cost far more."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__(config, batch_size, max_len, device=device, dtype=dtype)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        for t in (*self.k, *self.v, self.pos):  # updated in place: a CUDA graph may keep their addresses
+            torch._dynamo.mark_static_address(t)
+
+    def reset(self) -> None:
+        self.pos.zero_()  # stale keys/values stay behind the mask
+
+    def attend(self, layer: int, q, k, v):
+        """Write this step's k/v (B, n_kv_head, T, D) at `pos` and attend q (B, n_head, T, D) over the
+        cache: query t sees slots <= pos + t."""
+        idx = self.pos + torch.arange(q.size(2), device=q.device)
+        self.k[layer].index_copy_(2, idx, k)
+        self.v[layer].index_copy_(2, idx, v)
+        k, v = self.k[layer], self.v[layer]
+        mask = torch.arange(self.max_len, device=q.device) <= idx[:, None]  # (T, max_len)
+        gqa = {}
+        if k.size(1) != q.size(1):  # grouped-query: let SDPA share the kv heads instead of copying them
+            if _SDPA_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                rep = q.size(1) // k.size(1)
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+
+def native_gqa(q: torch.Tensor) -> bool:
+    """Whether SDPA's flash kernel takes grouped-query k/v as they are: on CPU, and on CUDA in half
+    precision from Ampere on (elsewhere enable_gqa could fall back to the slow math kernel)."""
+    if not _SDPA_GQA:
+        return False
+    if q.device.type == "cpu":
+        return True
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_properties(q.device).major >= 8)  # constant under torch.compile
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -114,18 +162,25 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(cache, StaticKVCache):  # fixed shapes for compiled decoding (no prefix: generate checks)
+            y = cache.attend(self.layer_idx, q, k, v).transpose(1, 2).contiguous().view(B, T, C)
+            return self.resid_dropout(self.c_proj(y))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if self.prefix is not None:
             pk, pv = self.prefix(B)
             k, v = torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         S = k.size(2)
+        gqa = {}
+        if self.n_kv_head != self.n_head:
+            if S == T and native_gqa(q):  # SDPA reads the shared k/v heads: no copies kept for backward
+                gqa = {"enable_gqa": True}
+            else:
+                rep = self.n_head // self.n_kv_head
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout = self.dropout if self.training else 0.0
         if S == T:  # plain causal attention over the sequence
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, **gqa)
         elif T == 1:  # one new token attends to everything before it
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:  # new tokens after a cache and/or a prefix: query i sees keys up to S - T + i
@@ -133,6 +188,21 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up keeping only gate and up for backward (autograd would also keep silu(gate),
+    a third (B, T, intermediate) tensor per layer); the same kernels, so the same numbers."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
 class MLP(nn.Module):
@@ -151,7 +221,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.kind == "swiglu":
-            return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+            return self.dropout(self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x))))
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
@@ -218,11 +288,12 @@ class GPT(nn.Module):
         """Context positions taken by a prompt-tuning prompt (0 without one)."""
         return 0 if self.prompt is None else int(getattr(self.prompt, "num_virtual_tokens", 0))
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """`max_len` counts the caller's tokens; room for prompt-tuning virtual tokens is added."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+        """`max_len` counts the caller's tokens; room for prompt-tuning virtual tokens is added.
+        `static` gives a StaticKVCache (fixed shapes, for compiled decoding)."""
         p = self.transformer.ln_f.weight  # not lm_head: it may be quantized to integer codes
         max_len = self.config.block_size if max_len is None else max_len + self.num_virtual_tokens
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        return (StaticKVCache if static else KVCache)(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def embed(self, idx):
         return self.transformer.wte(idx)
@@ -238,13 +309,17 @@ class GPT(nn.Module):
                 n_virtual = virtual.size(1)
                 x = torch.cat([virtual.to(x.dtype), x], dim=1)
         B, T, _ = x.shape
-        if start + T > self.config.block_size:
+        static = isinstance(start, torch.Tensor)  # a StaticKVCache: the position stays on the device
+        if not static and start + T > self.config.block_size:  # (generate checks the static case up front)
             raise ValueError(f"sequence of {start + T} positions is longer than the context "
                              f"({self.config.block_size})")
         rope = None
         if self.config.pos == "learned":
-            pos = torch.arange(start, start + T, device=x.device)
+            pos = torch.arange(T, device=x.device) + start  # start: an int, or a tensor (StaticKVCache)
             x = x + self.transformer.wpe(pos)
+        elif static:
+            pos = torch.arange(T, device=x.device) + start
+            rope = (self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype))
         else:
             rope = (self.rope_cos[start:start + T].to(x.dtype), self.rope_sin[start:start + T].to(x.dtype))
         x = self.transformer.drop(x)
@@ -256,15 +331,17 @@ class GPT(nn.Module):
 
     def forward(self, idx=None, targets=None, *, input_embeds=None, cache: KVCache | None = None,
                 last_only: bool = False):
-        """Logits (B, T, V) and, with targets (-100 = ignore), the mean cross-entropy.
+        """(logits (B, T, V), None) without targets; with targets (-100 = ignore), (None, the mean
+        cross-entropy), computed without ever building the full logits (see models/loss.py).
 
         `last_only` computes logits for the final position alone (generation)."""
         h = self.hidden_states(idx, input_embeds=input_embeds, cache=cache)
         if last_only:
             h = h[:, -1:, :]
-        logits = self.lm_head(h)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            return self.lm_head(h), None
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return None, linear_cross_entropy(h, self.lm_head.weight, targets)
+        logits = self.lm_head(h)  # a wrapped head (LoRA, quantized): the straightforward way
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
+        return None, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)

@@ -169,7 +169,9 @@ class LoRALinear(nn.Module):
         if name is None or self.merged is not None:
             return y
         A = self.lora_A[name]
-        update = self.lora_B[name](A(self.lora_dropout[name](x.to(A.weight.dtype))))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick the dtype,
+            x = x.to(A.weight.dtype)  # and a cast here would only add copies (bf16 -> fp32 -> bf16)
+        update = self.lora_B[name](A(self.lora_dropout[name](x)))
         return y + (update * self.scaling[name]).to(y.dtype)
 
     def extra_repr(self) -> str:
