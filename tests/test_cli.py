@@ -74,6 +74,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     code, out, _ = run(capsys, "demo", "--quick", "--out", tmp_path / "demo", "--device", "cpu")
     assert code == 0
     report = (tmp_path / "demo" / "report.md").read_text()
-    for section in ["## 1. Data", "## 2. Pretraining", "## 3. Sampling", "pretrain_loss.png"]:
+    for section in ["## 1. Data", "## 2. Pretraining", "## 3. Sampling", "pretrain_loss.png", "| LoRA r=2 + emb |",
+                    "## 8. Prompt tuning", "prompt + token embeddings"]:
         assert section in report
     assert (tmp_path / "demo" / "pretrain_loss.png").stat().st_size > 1000

@@ -111,14 +111,14 @@ def test_full_tuning_uses_precomputed_reference(base):
 
 def test_names_rule_dpo_moves_samples_and_resumes(base, tmp_path):
     out = tmp_path / "dpo"
-    kw = dict(names_rule_spec="endswith:a", method="lora", device="cpu", samples=300, eval_samples=300,
+    kw = dict(names_rule_spec="endswith:a", method="lora", device="cpu", samples=300, eval_samples=1000,
               kl_samples=64, rank=4)
     R.dpo(base, out, train_cfg=cfg(15), log=quiet, **kw)
     logs = []
     r = R.dpo(base, out, train_cfg=cfg(40), log=logs.append, **kw)
     assert any("resuming" in l and "step 15" in l for l in logs)
     assert r["steps"] == 40
-    assert r["preferred_pct_after"] > r["preferred_pct_before"] + 10
+    assert r["preferred_pct_after"] > r["preferred_pct_before"] + 10, (r["preferred_pct_before"], r["preferred_pct_after"])
     assert r["train_pairs"]["rewards/margins"] > 0 and r["train_pairs"]["rewards/accuracies"] > 0.6
     assert r["kl_to_reference"]["mean"] > 0 and r["kl_to_reference"]["samples"] == 64
     assert {"names_test_nll_before", "names_test_nll_after"} <= set(r)
@@ -131,8 +131,8 @@ def test_names_rule_dpo_moves_samples_and_resumes(base, tmp_path):
     assert not (out / "checkpoint" / "model.safetensors").exists()  # only the adapter
     tuned, tok, meta = R.load_dpo(out)
     assert meta["reference"] == "adapters-disabled"
-    again = sample_items(tuned, tok, 300, seed=cfg(1).seed + 1)
-    assert 100.0 * sum(R.is_name(s) and s.endswith("a") for s in again) / 300 == pytest.approx(r["preferred_pct_after"])
+    again = sample_items(tuned, tok, 1000, seed=cfg(1).seed + 1)
+    assert 100.0 * sum(R.is_name(s) and s.endswith("a") for s in again) / 1000 == pytest.approx(r["preferred_pct_after"])
 
 
 def test_full_method_run(base, tmp_path):

@@ -112,3 +112,31 @@ def test_qlora_trains_on_an_nf4_base_and_reloads_it_exactly(base, tmp_path):
     bad.write_text(json.dumps(m))
     with pytest.raises(GptlabError, match="another base model"):
         load_finetuned(run)
+
+
+def test_train_embeddings_lets_a_frozen_model_emit_new_labels(base, tmp_path):
+    """M/F never appear in names-only pretraining: prompt tuning alone cannot make the frozen output
+    layer produce them; with --train-embeddings the token rows (tied input/output) train too, are
+    saved with the method and come back on reload, while every other base weight stays frozen."""
+    from gptlab.peft.api import base_parameters
+    from gptlab.recipes.finetune import TOKEN_LAYERS, method_config
+    from gptlab.train.pretrain import load_run
+
+    cfgs = method_config("prompt", virtual_tokens=4, train_embeddings=True)
+    assert [c.method for c in cfgs] == ["prompt", "selective"] and cfgs[1].unfreeze == [TOKEN_LAYERS]
+    assert method_config("bitfit", train_embeddings=True).unfreeze == [TOKEN_LAYERS]
+    assert method_config("full", train_embeddings=True).unfreeze == [".*"]
+
+    out = tmp_path / "pe"
+    r = finetune(base, "gender", "prompt", out, train_cfg=TrainConfig(max_steps=40, eval_every=20, batch_size=32,
+                 lr=3e-2, warmup_steps=2, progress=False), device="cpu", limit=600, eval_limit=100, samples=20,
+                 log=quiet, virtual_tokens=4, train_embeddings=True)
+    plain = finetune(base, "gender", "prompt", tmp_path / "p", train_cfg=TrainConfig(max_steps=40, eval_every=20,
+                     batch_size=32, lr=3e-2, warmup_steps=2, progress=False), device="cpu", limit=600,
+                     eval_limit=100, samples=20, log=quiet, virtual_tokens=4)
+    assert plain["metric"] < 5 < r["metric"]  # without the rows the labels are (almost) never produced
+    model, tok, meta = load_finetuned(out)
+    before, _, _ = load_run(base)
+    tuned, orig = base_parameters(model), base_parameters(before)
+    changed = sorted(n for n in orig if not torch.equal(orig[n], tuned[n]))
+    assert changed == ["transformer.wte.weight"] and meta["method_options"]["train_embeddings"]

@@ -10,6 +10,7 @@ linear head on the last token's hidden state).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -23,8 +24,8 @@ from gptlab.data.tasks import CLASSIFICATION, TaskData, _h, build_task
 from gptlab.data.tokenizer import BOS, EOS
 from gptlab.evaluate import tasks as ev
 from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from gptlab.peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, SequenceClassifier,
-                         apply_peft, bitfit, full, head_only, last_k_blocks, load_peft, param_report, save_peft)
+from gptlab.peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, SelectiveConfig,
+                         SequenceClassifier, apply_peft, bitfit, full, head_only, last_k_blocks, load_peft, param_report, save_peft)
 from gptlab.peft.api import backbone
 from gptlab.train.pretrain import corpus_from_spec, load_run
 from gptlab.train.trainer import Trainer, TrainConfig, evaluate_loss, resolve_device
@@ -42,11 +43,33 @@ METHOD_LR = {"full": 1e-3, "head": 1e-2, "bitfit": 1e-2, "lastk": 2e-3, "adapter
              "qlora": 3e-3, "prompt": 3e-2, "prefix": 1e-2}
 
 
+# the token embeddings and output layer: what PEFT's `modules_to_save=["embed_tokens", "lm_head"]` trains
+TOKEN_LAYERS = r"(?:^|\.)(?:wte|embed_tokens|lm_head)\.weight$"
+
+
 def method_config(method: str, *, rank: int = 8, alpha: float | None = None, lora_dropout: float = 0.0,
                   targets: list[str] | None = None, adapter_size: int = 16, placement: str = "houlsby",
                   virtual_tokens: int = 8, prompt_init: str = "vocab", prefix_projection: int | None = None,
-                  last_k: int = 1):
-    """The PEFT config for a method name and its knobs (alpha defaults to the rank: scale 1)."""
+                  last_k: int = 1, train_embeddings: bool = False):
+    """The PEFT config(s) for a method name and its knobs (alpha defaults to the rank: scale 1).
+
+    `train_embeddings` also trains the token embeddings and the output layer. A frozen model cannot
+    produce a token its pretraining never asked for (the names course's labels M/F and I/O, its task
+    symbols): the output row of such a token only ever learned to lose. For a character vocabulary
+    this costs V x C parameters (under 1% of char-small); for a 49k-token vocabulary it is most of
+    a small model, so leave it off there."""
+    cfg = _method_config(method, rank=rank, alpha=alpha, lora_dropout=lora_dropout, targets=targets,
+                         adapter_size=adapter_size, placement=placement, virtual_tokens=virtual_tokens,
+                         prompt_init=prompt_init, prefix_projection=prefix_projection, last_k=last_k)
+    if not train_embeddings or method == "full":
+        return cfg
+    if isinstance(cfg, SelectiveConfig):
+        return dataclasses.replace(cfg, unfreeze=[*cfg.unfreeze, TOKEN_LAYERS])
+    return [cfg, SelectiveConfig(unfreeze=[TOKEN_LAYERS], name=cfg.name)]
+
+
+def _method_config(method: str, *, rank, alpha, lora_dropout, targets, adapter_size, placement, virtual_tokens,
+                   prompt_init, prefix_projection, last_k):
     if method == "full":
         return full()
     if method == "head":
