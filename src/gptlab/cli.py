@@ -60,19 +60,39 @@ def cmd_data(a) -> int:
     return 0
 
 
+def _method_options(a) -> dict:
+    return dict(rank=a.rank, alpha=a.alpha, lora_dropout=a.lora_dropout,
+                targets=a.targets.split(",") if a.targets else None, adapter_size=a.adapter_size,
+                placement=a.placement, virtual_tokens=a.virtual_tokens, prompt_init=a.prompt_init,
+                prefix_projection=a.prefix_projection, last_k=a.last_k, train_embeddings=a.train_embeddings)
+
+
+def _finetune_commongen(a) -> int:
+    from gptlab.recipes.commongen import COMMONGEN_LR, finetune_commongen
+
+    if a.lr is None:
+        a.lr = COMMONGEN_LR.get(a.method, 1e-3)
+    r = finetune_commongen(a.run, a.method, a.out, data=a.data, train_cfg=_train_config(a), device=a.device,
+                           limit=a.limit, eval_limit=a.eval_limit or 200, route=a.route, **_method_options(a))
+    if r.get("interrupted"):
+        return 130
+    print(f"commongen / {a.method}: dev ROUGE-L {r['rougeL']:.3f}  BLEU-4 {r['bleu4']:.3f}  "
+          f"coverage {r['coverage']:.3f}; {r['trainable']:,} trainable params ({r['trainable_pct']:.2f}%), "
+          f"{r['train_time_s']:.0f}s, {r['train_tokens_per_s']:.0f} tok/s; results in {a.out}/results.json")
+    return 0
+
+
 def cmd_finetune(a) -> int:
-    from gptlab.recipes.finetune import finetune
+    from gptlab.recipes.finetune import METHOD_LR, finetune
 
-    from gptlab.recipes.finetune import METHOD_LR
-
-    targets = a.targets.split(",") if a.targets else None
+    if a.task == "commongen":
+        return _finetune_commongen(a)
+    if a.data:
+        raise GptlabError("--data is for --task commongen; the names tasks build their data from the names corpus")
     if a.lr is None:
         a.lr = METHOD_LR.get(a.method, 1e-3)
     r = finetune(a.run, a.task, a.method, a.out, route=a.route, train_cfg=_train_config(a), device=a.device,
-                 limit=a.limit, eval_limit=a.eval_limit, rank=a.rank, alpha=a.alpha, lora_dropout=a.lora_dropout,
-                 targets=targets, adapter_size=a.adapter_size, placement=a.placement,
-                 virtual_tokens=a.virtual_tokens, prompt_init=a.prompt_init, prefix_projection=a.prefix_projection,
-                 last_k=a.last_k)
+                 limit=a.limit, eval_limit=a.eval_limit or 2000, **_method_options(a))
     if r.get("interrupted"):
         return 130
     print(f"{a.task} / {a.method} ({a.route}): metric {r['metric']:.2f}, {r['trainable']:,} trainable params "
@@ -192,10 +212,13 @@ def _eval_commongen(a) -> int:
     from gptlab.recipes.quantize import load_pretrained_any
     from gptlab.train.trainer import resolve_device
 
-    r = zero_shot_commongen(a.model or a.run, a.data, split=a.split or "dev", limit=a.limit,
-                            batch_size=a.batch_size, max_new_tokens=a.max_new_tokens,
-                            chat=False if a.no_chat else None, device=resolve_device(a.device),
-                            load=load_pretrained_any)
+    from gptlab.recipes.commongen import is_commongen_run, load_commongen_run
+
+    source, load, chat = a.model or a.run, load_pretrained_any, False if a.no_chat else None
+    if source and is_commongen_run(source):  # a tuned run answers the raw prompt it was trained on
+        load, chat = (lambda run: load_commongen_run(run)), False
+    r = zero_shot_commongen(source, a.data, split=a.split or "dev", limit=a.limit, batch_size=a.batch_size,
+                            max_new_tokens=a.max_new_tokens, chat=chat, device=resolve_device(a.device), load=load)
     if a.json:
         print(json.dumps(r))
     else:
@@ -226,13 +249,21 @@ def cmd_eval(a) -> int:
 
 
 def cmd_compare(a) -> int:
+    methods = a.methods.split(",") if a.methods else None
+    if a.task == "commongen":
+        from gptlab.recipes.commongen import compare_commongen
+
+        a.lr = a.lr or 1e-3  # replaced by each method's COMMONGEN_LR
+        r = compare_commongen(a.run, a.out, methods=methods, data=a.data, train_cfg=_train_config(a), device=a.device,
+                              limit=a.limit, eval_limit=a.eval_limit or 200)
+        print(f"zero-shot and {len(r['rows'])} rows compared: {a.out}/report.md")
+        return 0
     from gptlab.recipes.compare import compare
 
-    methods = a.methods.split(",") if a.methods else None
     method_lr = a.lr is None  # each method at its own default learning rate
     a.lr = a.lr or 1e-3
     r = compare(a.run, a.task, a.out, methods=methods, train_cfg=_train_config(a), device=a.device, limit=a.limit,
-                eval_limit=a.eval_limit, sweeps=not a.no_sweeps, method_lr=method_lr)
+                eval_limit=a.eval_limit or 2000, sweeps=not a.no_sweeps, method_lr=method_lr)
     print(f"{len(r['rows'])} methods compared: {a.out}/report.md")
     return 0
 
@@ -341,14 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     from gptlab.recipes.finetune import METHODS
 
     s = sub.add_parser("finetune", help="fine-tune a pretrained run on a task with a method (resumable)")
-    s.add_argument("run", help="the pretrained run or checkpoint directory")
-    s.add_argument("--task", required=True, choices=TASKS)
+    s.add_argument("run", help="the pretrained run or checkpoint directory; for --task commongen a pretrained "
+                   "model: preset (smollm2-135m-instruct), .gguf file or HF directory")
+    s.add_argument("--task", required=True, choices=TASKS + ("commongen",))
+    s.add_argument("--data", default=None, help="commongen: the CommonGen directory (default $GPTLAB_COMMONGEN "
+                   "or ../shared/data/commongen)")
     s.add_argument("--method", required=True, choices=METHODS)
     s.add_argument("--route", choices=["generate", "head"], default="generate",
                    help="classification: the LM writes the label, or a classification head predicts it")
     s.add_argument("--out", required=True)
     s.add_argument("--limit", type=int, default=None, help="at most this many training examples")
-    s.add_argument("--eval-limit", type=int, default=2000, help="at most this many val/test examples")
+    s.add_argument("--eval-limit", type=int, default=None,
+                   help="at most this many val/test examples (default 2000; commongen: 200 dev concept sets)")
     m = s.add_argument_group("method options")
     m.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     m.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
@@ -360,17 +395,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prompt-init", choices=["random", "vocab"], default="vocab")
     m.add_argument("--prefix-projection", type=int, default=None, help="prefix MLP width (reparameterisation)")
     m.add_argument("--last-k", type=int, default=1, help="blocks to unfreeze for --method lastk")
+    m.add_argument("--train-embeddings", action="store_true",
+                   help="also train the token embeddings and output layer (PEFT's modules_to_save): for labels "
+                   "or symbols pretraining never produced; cheap for characters, not for a 49k vocabulary")
     _train_args(s)
     s.set_defaults(fn=cmd_finetune, max_steps=500, eval_every=100, lr=None, warmup_steps=20)
 
     s = sub.add_parser("compare", help="every fine-tuning method on one task: report.md, charts, JSON")
-    s.add_argument("run", help="the pretrained run or checkpoint directory")
-    s.add_argument("--task", required=True, choices=TASKS)
+    s.add_argument("run", help="the pretrained run or checkpoint directory (commongen: a pretrained model)")
+    s.add_argument("--task", required=True, choices=TASKS + ("commongen",))
+    s.add_argument("--data", default=None, help="commongen: the CommonGen directory")
     s.add_argument("--out", required=True)
     s.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     s.add_argument("--no-sweeps", action="store_true", help="skip the adapter-size and LoRA-rank sweeps")
     s.add_argument("--limit", type=int, default=None, help="at most this many training examples per run")
-    s.add_argument("--eval-limit", type=int, default=2000)
+    s.add_argument("--eval-limit", type=int, default=None, help="default 2000; commongen: 200 dev concept sets")
     _train_args(s)
     s.set_defaults(fn=cmd_compare, max_steps=500, eval_every=100, lr=None, warmup_steps=20)
 

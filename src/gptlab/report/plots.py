@@ -57,6 +57,21 @@ def bar_chart(labels: list[str], values: list[float], path: str | Path, title: s
     return Path(path)
 
 
+def grouped_bar_chart(labels: list[str], series: dict[str, list[float]], path: str | Path, title: str) -> Path:
+    """Horizontal bars, one group per row (method) and one colour per metric."""
+    n = len(series)
+    height = 0.8 / max(n, 1)
+    fig, ax = plt.subplots(figsize=(7.5, (0.25 * n + 0.2) * len(labels) + 1.5))
+    for j, (name, values) in enumerate(series.items()):
+        ys = [i + (j - (n - 1) / 2) * height for i in range(len(labels))]
+        ax.barh(ys, values, height=height, label=name)
+        for y, v in zip(ys, values):
+            ax.text(v, y, f" {v:.3f}", va="center", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    return _finish(fig, ax, path, title)
+
+
 def sweep_chart(rows: list[dict], path: str | Path, title: str) -> Path:
     """Metric vs trainable parameters (log x), one line per method, points labelled by their knob."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
