@@ -105,7 +105,7 @@ def test_compare_writes_report_with_zero_shot_and_published(setup, tmp_path):
     labels = [r["label"] for r in s["rows"]]
     assert labels[0].startswith("zero-shot, chat") and labels[1] == "zero-shot, raw prompt" and "LoRA" in labels[2]
     report = (out / "report.md").read_text()
-    assert "| zero-shot, raw prompt | 0 |" in report and "Published results" in report and "46.5" in report
+    assert "| zero-shot, raw prompt | 0 | 0.00 | 0 | - | - |" in report and "Published results" in report and "46.5" in report
     assert (out / "commongen.png").stat().st_size > 1000
     assert json.loads((out / "results.json").read_text())["dev_sets"] == 4
     with pytest.raises(GptlabError, match="no CommonGen line-up entry"):
@@ -133,7 +133,7 @@ def test_smollm2_commongen_lora_cli(tmp_path, capsys):
     assert main(["finetune", "smollm2-135m-instruct", "--task", "commongen", "--method", "lora", "--rank", "2",
                  "--targets", "q_proj,v_proj", "--out", str(out), "--max-steps", "2", "--batch-size", "2",
                  "--eval-every", "2", "--limit", "8", "--eval-limit", "2", "--no-progress", "--device", "cpu"]) == 0
-    assert "commongen / lora: dev ROUGE-L" in capsys.readouterr().out
+    assert "commongen / lora: dev BLEU-4" in capsys.readouterr().out
     r = json.loads((out / "results.json").read_text())
     assert r["steps"] == 2 and r["train_pairs"] == 8 and r["dev_sets"] == 2 and r["base"] == "smollm2-135m-instruct"
     assert main(["eval", str(out), "--task", "commongen", "--limit", "2", "--max-new-tokens", "8"]) == 0

@@ -76,9 +76,11 @@ def _finetune_commongen(a) -> int:
                            limit=a.limit, eval_limit=a.eval_limit or 200, route=a.route, **_method_options(a))
     if r.get("interrupted"):
         return 130
-    print(f"commongen / {a.method}: dev ROUGE-L {r['rougeL']:.3f}  BLEU-4 {r['bleu4']:.3f}  "
-          f"coverage {r['coverage']:.3f}; {r['trainable']:,} trainable params ({r['trainable_pct']:.2f}%), "
-          f"{r['train_time_s']:.0f}s, {r['train_tokens_per_s']:.0f} tok/s; results in {a.out}/results.json")
+    from gptlab.evaluate.commongen import format_scores
+
+    print(f"commongen / {a.method}: dev {format_scores(r)}; {r['trainable']:,} trainable params "
+          f"({r['trainable_pct']:.2f}%), {r['train_time_s']:.0f}s, {r['train_tokens_per_s']:.0f} tok/s; "
+          f"results in {a.out}/results.json")
     return 0
 
 
@@ -222,9 +224,10 @@ def _eval_commongen(a) -> int:
     if a.json:
         print(json.dumps(r))
     else:
+        from gptlab.evaluate.commongen import format_scores
+
         print(f"commongen {r['split']}, {r['examples']} concept sets ({'chat' if r['chat'] else 'raw'}): "
-              f"BLEU-4 {r['bleu4']:.3f}  ROUGE-1 {r['rouge1']:.3f}  ROUGE-2 {r['rouge2']:.3f}  "
-              f"ROUGE-L {r['rougeL']:.3f}  coverage {r['coverage']:.3f}  in {r['seconds']:.1f}s")
+              f"{format_scores(r)}  in {r['seconds']:.1f}s")
     return 0
 
 

@@ -76,6 +76,12 @@ def evaluate_commongen(model, tokenizer, examples, **generate_kwargs) -> dict:
     return {"examples": len(examples), **scores, "seconds": seconds, "predictions": predictions}
 
 
+def format_scores(r: dict) -> str:
+    """One line of CommonGen scores for the terminal."""
+    return (f"BLEU-4 {r['bleu4']:.3f}  ROUGE-1 {r['rouge1']:.3f}  ROUGE-2 {r['rouge2']:.3f}  "
+            f"ROUGE-L {r['rougeL']:.3f}  coverage {r['coverage']:.3f}")
+
+
 def default_data_dir() -> Path:
     """$GPTLAB_COMMONGEN, else the project's shared copy (../shared/data/commongen from the cwd)."""
     env = os.environ.get("GPTLAB_COMMONGEN")

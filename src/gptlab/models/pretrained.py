@@ -55,6 +55,20 @@ def load_pretrained(name_or_path: str | Path, block_size: int | None = None):
     return model, tok, {**model.config.extra, **meta}
 
 
+def load_base(base: str | Path, device="cpu"):
+    """(model on `device`, wrapped tokenizer, info) of anything `load_pretrained` takes: the base of a
+    fine-tuning or DPO run; `info` holds a run's meta (data_spec) or the chat template and special tokens."""
+    from gptlab.data.tokenizer import wrap_tokenizer
+
+    model, tok, info = load_pretrained(base)
+    return model.to(device), wrap_tokenizer(tok, info), info
+
+
+def base_key(base: str | Path) -> str:
+    """How a run records its base: a preset by name, anything else by absolute path."""
+    return str(base) if str(base) in PRETRAINED else str(Path(base).resolve())
+
+
 def apply_chat_template(messages: list[dict], template: str | None, add_generation_prompt: bool = True,
                         **variables) -> str:
     """Render chat `messages` ([{"role": ..., "content": ...}]) with a Jinja chat template, in the

@@ -15,6 +15,7 @@ held out by a hash, so the dev set that is reported is never used to pick a chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from gptlab.data.commongen import format_example, load_commongen
 from gptlab.data.lm import LMDataset
 from gptlab.evaluate.commongen import default_data_dir, evaluate_commongen
 from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint, save_checkpoint
+from gptlab.models.pretrained import base_key, load_base
 from gptlab.peft import apply_peft, load_peft, param_report, save_peft
 from gptlab.train.trainer import Trainer, TrainConfig, resolve_device
 
@@ -46,8 +48,6 @@ PUBLISHED = [
 
 
 def _hash(text: str) -> int:
-    import hashlib
-
     return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big")
 
 
@@ -74,19 +74,13 @@ def pairs_for(examples, tok, limit: int | None = None, salt: str = "train") -> l
     return pairs if limit is None else pairs[:limit]
 
 
-def _load_base(base, device):
-    from gptlab.recipes.dpo import load_base
-
-    return load_base(base, device)
-
-
 def _save(path, model, tok, meta):
+    """A full checkpoint, or just the method and meta.json: the tokenizer comes with the base model."""
     if meta["method"] == "full":
         save_checkpoint(path, model, tok, meta)
         return
     save_peft(model, path)
     atomic_write_text(Path(path) / "meta.json", json.dumps(meta, indent=2) + "\n")
-    tok.save(Path(path) / "tokenizer.json")
 
 
 def is_commongen_run(path) -> bool:
@@ -109,7 +103,7 @@ def load_commongen_run(run: str | Path, device="cpu"):
     if is_checkpoint(ckpt):
         model, tok, _ = load_checkpoint(ckpt, device)
         return model.eval(), wrap_tokenizer(tok, model.config.extra), meta
-    model, tok, _ = _load_base(meta["base"], device)
+    model, tok, _ = load_base(meta["base"], device)
     if meta.get("quantization"):
         quantize_base(model, meta["quantization"], where=str(run))
     load_peft(model, ckpt)
@@ -122,7 +116,6 @@ def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: 
                        max_new_tokens: int = 32, route: str = "generate", log=print, **method_opts) -> dict:
     """Tune `base` (a preset name, .gguf, HF or gptlab directory) on CommonGen train with `method`;
     score greedy generations on the first `eval_limit` dev concept sets."""
-    from gptlab.recipes.dpo import base_key
     from gptlab.recipes.finetune import dir_bytes, method_config, quantize_base
 
     if method not in COMMONGEN_METHODS:
@@ -136,7 +129,7 @@ def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: 
     dev_sets = load_commongen(root, "dev")
     if eval_limit is not None:
         dev_sets = dev_sets[:eval_limit]
-    model, tok, _info = _load_base(base, dev_)
+    model, tok, _info = load_base(base, dev_)
     quantization = quantize_base(model) if method == "qlora" else None
     train_pairs = pairs_for(train_sets, tok, limit)
     val_pairs = pairs_for(val_sets, tok, val_limit, salt="val")
@@ -198,7 +191,7 @@ LINEUP = [
 
 def zero_shot_rows(base, dev_sets, device, gen_batch: int, max_new_tokens: int, out: Path) -> list[dict]:
     """The base model before tuning: with its chat template (instruct models) and on the raw prompt."""
-    model, tok, _ = _load_base(base, device)
+    model, tok, _ = load_base(base, device)
     rows = []
     for label, chat in (("zero-shot, chat instruction", True), ("zero-shot, raw prompt", False)):
         if chat and not tok.chat_template:
@@ -268,11 +261,13 @@ def render_report(summary: dict) -> str:
              f"Greedy generation on the first {summary['dev_sets']} dev concept sets, scored against all references "
              "of each set (BLEU-4: sacrebleu; ROUGE: rouge-score F1; coverage: share of the concepts used, "
              "inflections allowed). Scores x100.", "",
-             "| method | trainable params | % | train time (s) | train tok/s | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | coverage |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | trainable params | % | train time (s) | train tok/s | file size | ROUGE-1 | ROUGE-2 | ROUGE-L "
+             "| BLEU-4 | coverage |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         tps = f"{r['train_tokens_per_s']:,.0f}" if r.get("train_tokens_per_s") else "-"
-        lines.append(f"| {r['label']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['train_time_s']:.0f} | {tps} | "
+        size = f"{r['size_bytes'] / 2**20:,.1f} MiB" if r.get("size_bytes") else "-"
+        lines.append(f"| {r['label']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['train_time_s']:.0f} | {tps} | {size} | "
                      f"{100 * r['rouge1']:.1f} | {100 * r['rouge2']:.1f} | {100 * r['rougeL']:.1f} | "
                      f"{100 * r['bleu4']:.1f} | {100 * r['coverage']:.1f} |")
     lines += ["", "![CommonGen scores](commongen.png)", "",

@@ -55,6 +55,7 @@ from gptlab.data.preferences import PreferencePair, load_preferences
 from gptlab.data.tokenizer import BOS, EOS, CharTokenizer, HFTokenizer, wrap_tokenizer
 from gptlab.generate import chat_prompt, generate, sample_items, stop_tokens
 from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint
+from gptlab.models.pretrained import base_key, load_base
 from gptlab.peft import apply_peft, load_peft, param_report
 from gptlab.peft.api import disable_adapters
 from gptlab.recipes.finetune import METHODS as FINETUNE_METHODS, _save_method, method_config
@@ -366,21 +367,6 @@ def monte_carlo_kl(policy, prompts: list[list[int]], n_per_prompt: int, max_new_
 
 
 # ---- loading -----------------------------------------------------------------------------------
-
-def load_base(base: str | Path, device):
-    """(model, tokenizer, info) of a gptlab run/checkpoint, a preset name, a .gguf file or an HF
-    model directory; `info` holds the run's meta (data_spec) or the chat template and special tokens."""
-    from gptlab.models.pretrained import load_pretrained
-
-    model, tok, info = load_pretrained(base)
-    return model.to(device), wrap_tokenizer(tok, info), info
-
-
-def base_key(base: str | Path) -> str:
-    from gptlab.models.pretrained import PRETRAINED
-
-    return str(base) if str(base) in PRETRAINED else str(Path(base).resolve())
-
 
 def load_dpo(run: str | Path, device="cpu"):
     """(tuned model, tokenizer, meta) of a `gptlab dpo` run directory (or its checkpoint/)."""
