@@ -256,6 +256,10 @@ def compare_commongen(base: str | Path, out: str | Path, *, methods: list[str] |
     return summary
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.0f} KiB"
+
+
 def render_report(summary: dict) -> str:
     lines = [f"# CommonGen: {summary['base']}, zero-shot vs fine-tuning methods", "",
              f"Greedy generation on the first {summary['dev_sets']} dev concept sets, scored against all references "
@@ -266,7 +270,7 @@ def render_report(summary: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         tps = f"{r['train_tokens_per_s']:,.0f}" if r.get("train_tokens_per_s") else "-"
-        size = f"{r['size_bytes'] / 2**20:,.1f} MiB" if r.get("size_bytes") else "-"
+        size = _size(r["size_bytes"]) if r.get("size_bytes") else "-"
         lines.append(f"| {r['label']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['train_time_s']:.0f} | {tps} | {size} | "
                      f"{100 * r['rouge1']:.1f} | {100 * r['rouge2']:.1f} | {100 * r['rougeL']:.1f} | "
                      f"{100 * r['bleu4']:.1f} | {100 * r['coverage']:.1f} |")
