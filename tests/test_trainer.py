@@ -128,13 +128,19 @@ def test_interrupt_leaves_a_resumable_checkpoint(tmp_path, names_file):
     cmd = [sys.executable, "-m", "gptlab", "pretrain", "--data", str(names_file), "--preset", "char-tiny",
            "--out", str(out), "--max-steps", "100000", "--eval-every", "1000000", "--no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 60
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
-        time.sleep(0.2)
-    time.sleep(1.0)
-    p.send_signal(signal.SIGINT)
-    output, _ = p.communicate(timeout=60)
+    # SIG_DFL: a child of a background shell job inherits SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt (the run would go on for its 100000 steps)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        output, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()  # never leave a training process behind, whatever failed above
     assert p.returncode == 130, output
     assert "interrupted at step" in output
     state = torch.load(out / "resume" / "trainer_state.pt", weights_only=True)
