@@ -50,6 +50,27 @@ def test_without_grad_and_all_ignored():
     assert torch.isnan(linear_cross_entropy(h, w, nothing)) and torch.isnan(reference(h, w, nothing))
 
 
+@pytest.fixture(autouse=True)
+def chunked_for_any_vocab(monkeypatch):
+    """The GPT tests below use a 40-token vocabulary; take the chunked path anyway."""
+    import gptlab.models.gpt as gpt
+
+    monkeypatch.setattr(gpt, "CHUNKED_VOCAB", 0)
+
+
+def test_small_vocabularies_keep_the_plain_loss(monkeypatch):
+    import gptlab.models.gpt as gpt
+
+    calls = []
+    monkeypatch.setattr(gpt, "linear_cross_entropy", lambda *a, **k: calls.append(1) or linear_cross_entropy(*a, **k))
+    x = torch.randint(1, 40, (2, 6))
+    _model()(x, x)
+    assert len(calls) == 1  # CHUNKED_VOCAB = 0 here
+    monkeypatch.setattr(gpt, "CHUNKED_VOCAB", 4096)
+    _, loss = _model()(x, x)
+    assert len(calls) == 1 and torch.isfinite(loss)
+
+
 def _model(**kw):
     torch.manual_seed(0)
     return GPT(preset("char-llama", vocab_size=40, **kw)).double()

@@ -25,6 +25,10 @@ import torch.nn.functional as F
 from gptlab.models.config import GPTConfig
 from gptlab.models.loss import IGNORE, linear_cross_entropy
 
+# from this vocabulary size on, the loss skips the full logits (models/loss.py); below it (characters)
+# the logits are tiny and the plain cross-entropy is faster: fewer, larger kernels
+CHUNKED_VOCAB = 4096
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -340,8 +344,8 @@ class GPT(nn.Module):
             h = h[:, -1:, :]
         if targets is None:
             return self.lm_head(h), None
-        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None and self.config.vocab_size >= CHUNKED_VOCAB:
             return None, linear_cross_entropy(h, self.lm_head.weight, targets)
-        logits = self.lm_head(h)  # a wrapped head (LoRA, quantized): the straightforward way
+        logits = self.lm_head(h)  # a small vocabulary or a wrapped head (LoRA, quantized): the straightforward way
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
         return None, F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)

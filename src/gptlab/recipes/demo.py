@@ -27,7 +27,7 @@ PLANS = {
                   methods=["full", "head", "lora"], sweeps=False, instruct_steps=20, prompt_steps=15,
                   prompt_emb_steps=15),
     "full": dict(preset="char-small", pretrain_steps=3000, ft_steps=500, limit=None, eval_limit=1000, samples=1000,
-                 methods=None, sweeps=True, instruct_steps=1000, prompt_steps=400,
+                 methods=None, sweeps=True, instruct_steps=1000, prompt_steps=200,
                  prompt_emb_steps=1000),
 }
 HELD_OUT_SUFFIX = "o"  # endswith instructions whose suffix ends in `o` are never trained on
