@@ -38,7 +38,7 @@ CLASSIFY_LINEUP = [
     ("prefix P=8 + emb", "prefix", "generate", {"virtual_tokens": 8, **EMB}),
 ]
 # extra points for the metric-vs-size chart; the line-up's adapter m=16 and LoRA r=2 join them
-SWEEPS = {"adapter": ("adapter_size", (2, 64)), "lora": ("rank", (8, 32))}
+SWEEPS = {"adapter": ("adapter_size", (64,)), "lora": ("rank", (16,))}
 LINEUP_KNOBS = {"adapter": ("adapter_size", 16), "lora": ("rank", 2)}
 
 

@@ -28,7 +28,7 @@ PLANS = {
                   prompt_emb_steps=15),
     "full": dict(preset="char-small", pretrain_steps=3000, ft_steps=500, limit=None, eval_limit=1000, samples=1000,
                  methods=None, sweeps=True, instruct_steps=1000, prompt_steps=200,
-                 prompt_emb_steps=1000),
+                 prompt_emb_steps=800),
 }
 HELD_OUT_SUFFIX = "o"  # endswith instructions whose suffix ends in `o` are never trained on
 
