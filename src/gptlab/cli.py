@@ -256,11 +256,14 @@ def cmd_compare(a) -> int:
     if a.task == "commongen":
         from gptlab.recipes.commongen import compare_commongen
 
-        a.lr = a.lr or 1e-3  # replaced by each method's COMMONGEN_LR
+        method_lr = a.lr is None  # each method at its own COMMONGEN_LR unless --lr is given
+        a.lr = a.lr or 1e-3
         r = compare_commongen(a.run, a.out, methods=methods, data=a.data, train_cfg=_train_config(a), device=a.device,
-                              limit=a.limit, eval_limit=a.eval_limit or 200)
+                              limit=a.limit, eval_limit=a.eval_limit or 200, method_lr=method_lr)
         print(f"zero-shot and {len(r['rows'])} rows compared: {a.out}/report.md")
         return 0
+    if a.data:
+        raise GptlabError("--data is for --task commongen; the names tasks build their data from the names corpus")
     from gptlab.recipes.compare import compare
 
     method_lr = a.lr is None  # each method at its own default learning rate

@@ -214,9 +214,10 @@ def zero_shot_rows(base, dev_sets, device, gen_batch: int, max_new_tokens: int, 
 def compare_commongen(base: str | Path, out: str | Path, *, methods: list[str] | None = None,
                       data: str | Path | None = None, train_cfg: TrainConfig | None = None, device: str = "auto",
                       limit: int | None = None, eval_limit: int | None = 200, gen_batch: int = 32,
-                      max_new_tokens: int = 32, log=print) -> dict:
+                      max_new_tokens: int = 32, method_lr: bool = True, log=print) -> dict:
     """Zero-shot vs each method on the same dev concept sets: report.md, a chart and results.json.
-    Each method is an ordinary finetune run under OUT/runs/<method>, so an interrupted comparison resumes."""
+    Each method is an ordinary finetune run under OUT/runs/<method>, so an interrupted comparison resumes.
+    `method_lr`: each method at its COMMONGEN_LR instead of train_cfg.lr."""
     import dataclasses
 
     from gptlab.report.plots import grouped_bar_chart
@@ -238,7 +239,7 @@ def compare_commongen(base: str | Path, out: str | Path, *, methods: list[str] |
         if (run / "results.json").exists():
             r = json.loads((run / "results.json").read_text())
         else:
-            cfg = train_cfg and dataclasses.replace(train_cfg, lr=COMMONGEN_LR[method])
+            cfg = train_cfg and (dataclasses.replace(train_cfg, lr=COMMONGEN_LR[method]) if method_lr else train_cfg)
             r = finetune_commongen(base, method, run, data=data, train_cfg=cfg, device=device, limit=limit,
                                    eval_limit=eval_limit, gen_batch=gen_batch, max_new_tokens=max_new_tokens,
                                    log=log, **opts)
