@@ -28,7 +28,7 @@ from gptlab.data.lm import LMDataset
 from gptlab.evaluate.commongen import default_data_dir, evaluate_commongen
 from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint, save_checkpoint
 from gptlab.models.pretrained import base_key, load_base
-from gptlab.peft import apply_peft, load_peft, param_report, save_peft
+from gptlab.peft import load_peft, save_peft
 from gptlab.train.trainer import Trainer, TrainConfig, resolve_device
 
 # the methods that make sense for generation with a pretrained LM (no classification head here)
@@ -116,7 +116,7 @@ def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: 
                        max_new_tokens: int = 32, route: str = "generate", log=print, **method_opts) -> dict:
     """Tune `base` (a preset name, .gguf, HF or gptlab directory) on CommonGen train with `method`;
     score greedy generations on the first `eval_limit` dev concept sets."""
-    from gptlab.recipes.finetune import dir_bytes, method_config, quantize_base
+    from gptlab.recipes.finetune import apply_method, dir_bytes, quantize_base
 
     if method not in COMMONGEN_METHODS:
         raise GptlabError(f"method {method!r} does not apply to CommonGen; choose one of: {', '.join(COMMONGEN_METHODS)}")
@@ -138,10 +138,7 @@ def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: 
 
     train_cfg = train_cfg or TrainConfig(max_steps=300, batch_size=16, lr=COMMONGEN_LR[method], warmup_steps=20,
                                          eval_every=100, eval_batch_size=64, weight_decay=0.0)
-    torch.manual_seed(train_cfg.seed)
-    if method != "full":
-        apply_peft(model, method_config(method, **method_opts), tokenizer=tok)
-    report = param_report(model)
+    report = apply_method(model, method, tok, train_cfg.seed, **method_opts)
     log(f"commongen / {method}: {report['trainable']:,} trainable of {report['total']:,} parameters "
         f"({report['percent']:.2f}%); {len(train_pairs):,} training pairs, {len(val_pairs)} validation pairs, "
         f"{len(dev_sets)} dev concept sets")

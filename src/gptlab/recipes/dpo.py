@@ -56,9 +56,9 @@ from gptlab.data.tokenizer import BOS, EOS, CharTokenizer, HFTokenizer, wrap_tok
 from gptlab.generate import chat_prompt, generate, sample_items, stop_tokens
 from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint
 from gptlab.models.pretrained import base_key, load_base
-from gptlab.peft import apply_peft, load_peft, param_report
+from gptlab.peft import load_peft
 from gptlab.peft.api import disable_adapters
-from gptlab.recipes.finetune import METHODS as FINETUNE_METHODS, _save_method, method_config
+from gptlab.recipes.finetune import METHODS as FINETUNE_METHODS, _save_method, apply_method
 from gptlab.train.dpo import LOSS_TYPES, _logits, dpo_loss, preference_batch, sequence_logprobs
 from gptlab.train.trainer import Trainer, TrainConfig, evaluate_loss, resolve_device
 
@@ -385,6 +385,18 @@ def load_dpo(run: str | Path, device="cpu"):
     return model.eval(), tok, meta
 
 
+def names_stats(model, tok, n: int, seed: int, prefers, judge, nll_data, when: str) -> tuple[dict, list[str]]:
+    """(share of `n` samples the rule prefers (and the corpus judge calls Indian) and the names test
+    NLL, the samples)."""
+    samples = sample_items(model, tok, n, seed=seed)
+    out = {f"preferred_pct_{when}": 100.0 * sum(map(prefers, samples)) / len(samples)}
+    if judge is not None:
+        out[f"corpus_indian_pct_{when}"] = 100.0 * sum(map(judge.labelled_indian, samples)) / len(samples)
+    if nll_data is not None:
+        out[f"names_test_nll_{when}"] = evaluate_loss(model, nll_data)
+    return out, samples
+
+
 # ---- the recipe --------------------------------------------------------------------------------
 
 def dpo(base: str | Path, out: str | Path, *, data: str | Path | None = None, names_rule_spec: str | None = None,
@@ -464,22 +476,14 @@ def dpo(base: str | Path, out: str | Path, *, data: str | Path | None = None, na
 
             test_items = corpus_from_spec(spec)["test"]
             nll_data = LMDataset(name_pairs(test_items), tok, block) if test_items else None
-        before = sample_items(model, tok, eval_samples, seed=train_cfg.seed + 1)
-        results["preferred_pct_before"] = 100.0 * sum(map(prefers, before)) / len(before)
-        if judge is not None:
-            results["corpus_indian_pct_before"] = 100.0 * sum(map(judge.labelled_indian, before)) / len(before)
-        if nll_data is not None:
-            results["names_test_nll_before"] = evaluate_loss(model, nll_data)
+        results.update(names_stats(model, tok, eval_samples, train_cfg.seed + 1, prefers, judge, nll_data, "before")[0])
 
     precompute = method in PRECOMPUTED_REFERENCE
     if precompute:
         for d in (train_data, held_data):
             if d is not None:
                 precompute_reference(model, d, dev)
-    torch.manual_seed(train_cfg.seed)
-    if method != "full":
-        apply_peft(model, method_config(method, **method_opts), tokenizer=tok)
-    report = param_report(model)
+    report = apply_method(model, method, tok, train_cfg.seed, **method_opts)
     log(f"dpo ({loss_type}, beta {beta}) / {method}: {report['trainable']:,} trainable of {report['total']:,} "
         f"parameters ({report['percent']:.2f}%); {len(train_data)} train pairs, "
         f"{len(held_data) if held_data else 0} held-out; reference: "
@@ -518,12 +522,9 @@ def dpo(base: str | Path, out: str | Path, *, data: str | Path | None = None, na
     results["kl_to_reference"] = monte_carlo_kl(model, prompts, per_prompt, block if names_task else max_new_tokens,
                                                 stops, train_cfg.seed + 2, base=ref_base)
     if names_task:
-        after = sample_items(model, tok, eval_samples, seed=train_cfg.seed + 1)
-        results["preferred_pct_after"] = 100.0 * sum(map(prefers, after)) / len(after)
-        if judge is not None:
-            results["corpus_indian_pct_after"] = 100.0 * sum(map(judge.labelled_indian, after)) / len(after)
+        stats, after = names_stats(model, tok, eval_samples, train_cfg.seed + 1, prefers, judge, nll_data, "after")
+        results.update(stats)
         if nll_data is not None:
-            results["names_test_nll_after"] = evaluate_loss(model, nll_data)
             results["names_test_nll_delta"] = results["names_test_nll_after"] - results["names_test_nll_before"]
         results["eval_samples"] = eval_samples
         atomic_write_text(out / "samples.txt", "\n".join(f"{'+' if prefers(s) else '-'} {s}" for s in after[:200]) + "\n")

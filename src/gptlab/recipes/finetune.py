@@ -68,6 +68,15 @@ def method_config(method: str, *, rank: int = 8, alpha: float | None = None, lor
     return [cfg, SelectiveConfig(unfreeze=[TOKEN_LAYERS], name=cfg.name)]
 
 
+def apply_method(model, method: str, tokenizer, seed: int, **method_opts) -> dict:
+    """Seed, apply `method`'s PEFT config (full tuning needs none) and return param_report: the one
+    way every recipe (finetune, CommonGen, DPO) puts a method on its model."""
+    torch.manual_seed(seed)
+    if method != "full":
+        apply_peft(model, method_config(method, **method_opts), tokenizer=tokenizer)
+    return param_report(model)
+
+
 def _method_config(method: str, *, rank, alpha, lora_dropout, targets, adapter_size, placement, virtual_tokens,
                    prompt_init, prefix_projection, last_k):
     if method == "full":
