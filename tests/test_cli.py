@@ -45,6 +45,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, trained, names_file, capsys):
         (["pretrain", "--data", names_file, "--out", tmp_path / "y", "--preset", "nano"], "unknown preset"),
         (["pretrain", "--data", trained / "metrics.jsonl", "--out", tmp_path / "z"], "reserved characters"),
         (["data", "places"], "unknown data set"),
+        (["data", "names:lots"], "positive whole number"),
+        (["pretrain", "--data", "names:0", "--out", tmp_path / "w"], "positive whole number"),
     ]
     for argv, message in cases:
         code, out, err = run(capsys, *argv)

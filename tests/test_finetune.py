@@ -140,3 +140,19 @@ def test_train_embeddings_lets_a_frozen_model_emit_new_labels(base, tmp_path):
     tuned, orig = base_parameters(model), base_parameters(before)
     changed = sorted(n for n in orig if not torch.equal(orig[n], tuned[n]))
     assert changed == ["transformer.wte.weight"] and meta["method_options"]["train_embeddings"]
+
+
+def test_forgetting_is_skipped_when_the_base_corpus_has_no_test_split(base, tmp_path):
+    """A base pretrained on a text file too small to have a test split still fine-tunes to the end."""
+    from gptlab.data.names import split_of
+    from gptlab.models.io import load_checkpoint
+    from gptlab.recipes.finetune import pretrain_nll_delta
+    from gptlab.train.pretrain import data_spec
+
+    items = [n for n in ("anna", "maria", "kiran", "tomas", "lea", "ivan", "sara") if split_of(n) == "train"]
+    corpus = tmp_path / "few.txt"
+    corpus.write_text("\n".join(items) + "\n")
+    model, tok, meta = load_checkpoint(base / "checkpoint")
+    assert pretrain_nll_delta(model, model, tok, {"data_spec": data_spec(str(corpus), None, None)}) == {}
+    delta = pretrain_nll_delta(model, model, tok, meta)  # the names base: measured, and 0 for the same model
+    assert delta["delta"] == pytest.approx(0.0, abs=1e-9) and delta["pretrain_test_nll_before"] > 0

@@ -79,3 +79,28 @@ def test_bad_data_files(tmp_path):
         read_text_items(binary)
     with pytest.raises(GptlabError, match="--test-size"):
         split_items(["a", "b", "c"], split_seed=1, test_size=5)
+
+
+def test_wider_rank_cut_keeps_the_hash_split(monkeypatch, tmp_path):
+    """names:RANK is a superset of the labelled corpus, split by the same hash: a name in the tasks'
+    test split can never be in the wider corpus's train split."""
+    import gptlab.data.names as names
+
+    letters = lambda i: "".join("abcdefghijklmnopqrstuvwxyz"[int(d)] for d in f"{i:03d}")
+    raw = {f"Na{letters(i)}": {"country": {"US": 1.0}, "gender": {"F": 1.0}, "rank": {"US": 1 + i * 10}}
+           for i in range(600)}
+    monkeypatch.setenv("GPTLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(names, "_load_package_dict", lambda: raw)
+    narrow, wide = load_corpus("names"), load_corpus("names:5000")
+    assert sum(map(len, narrow.values())) == 100 and sum(map(len, wide.values())) == 500
+    for s in SPLITS:
+        assert set(narrow[s]) <= set(wide[s])
+        assert all(split_of(n) == s for n in wide[s])
+    assert names.cache_path(5000).exists() and names.cache_path(5000) != names.cache_path()
+    assert names.names_rank("data.txt") is None and names.names_rank("names:20") == 20
+
+
+@pytest.mark.parametrize("spec", ["names:", "names:0", "names:-3", "names:5k"])
+def test_bad_rank_cut(spec):
+    with pytest.raises(GptlabError, match="positive whole number"):
+        load_corpus(spec)

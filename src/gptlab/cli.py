@@ -45,14 +45,16 @@ def _train_config(a):
 
 
 def cmd_data(a) -> int:
-    from gptlab.data.names import describe, load_names
+    from gptlab.data.names import describe, load_names, names_rank
 
-    if a.what not in ("names", "tasks"):
-        raise GptlabError(f"unknown data set {a.what!r}: use `gptlab data names` or `gptlab data tasks`")
-    records = load_names(refresh=a.refresh)
-    if a.what == "names":
-        print(describe(records))
+    rank = names_rank(a.what)
+    if rank is None and a.what != "tasks":
+        raise GptlabError(f"unknown data set {a.what!r}: use `gptlab data names`, `gptlab data names:RANK` "
+                          "or `gptlab data tasks`")
+    if rank is not None:
+        print(describe(load_names(refresh=a.refresh, max_rank=rank), rank))
         return 0
+    records = load_names(refresh=a.refresh)
     from gptlab.data.tasks import TASKS, build_task, describe_task
 
     for task in TASKS:
@@ -355,12 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("data", help="build and cache the names corpus or the task data; print counts")
-    s.add_argument("what", help="names | tasks")
+    s.add_argument("what", help="names | names:RANK (a wider rank cut, for pretraining) | tasks")
     s.add_argument("--refresh", action="store_true", help="rebuild the cache from the package")
     s.set_defaults(fn=cmd_data)
 
     s = sub.add_parser("pretrain", help="pretrain a character GPT (resumes when --out holds a run)")
-    s.add_argument("--data", default="names", help="`names` or a text file with one item per line")
+    s.add_argument("--data", default="names",
+                   help="`names`; `names:RANK`, the names in the top RANK of some country (names:5000 is 4x "
+                        "the corpus, hash-split the same way); or a text file with one item per line")
     s.add_argument("--split-seed", type=int, default=None, help="seeded random split instead of the hash split")
     s.add_argument("--test-size", type=int, default=None, help="test items for --split-seed (default min(1000, 10%%))")
     s.add_argument("--preset", default="char-small")

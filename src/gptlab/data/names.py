@@ -3,7 +3,8 @@
 Rules (printed by `gptlab data names`):
 - keep first names made of ASCII letters only that rank in the top MAX_RANK of at least one
   country (the package lists ~730k strings, most of them rare spellings or noise), lowercase,
-  de-duplicate;
+  de-duplicate; `names:RANK` widens the rank cut for pretraining (names:5000 holds 181k names,
+  4x the corpus: more unlabelled text for the LM, while the tasks keep the top-1000 labels);
 - gender: `M`/`F` where the larger gender probability is >= 0.9, else unlabeled;
 - origin: `I` where India holds the largest country share, `O` where India's share is < 0.05,
   else unlabeled;
@@ -49,8 +50,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPTLAB_CACHE", Path.home() / ".cache" / "gptlab"))
 
 
-def cache_path() -> Path:
-    return cache_dir() / f"names-v{CACHE_VERSION}-rank{MAX_RANK}.csv"
+def cache_path(max_rank: int = MAX_RANK) -> Path:
+    return cache_dir() / f"names-v{CACHE_VERSION}-rank{max_rank}.csv"
+
+
+def names_rank(data: str) -> int | None:
+    """The rank cut of a `names` / `names:RANK` data spec; None for anything else (a file)."""
+    if data == "names":
+        return MAX_RANK
+    if not data.startswith("names:"):
+        return None
+    rank = data.removeprefix("names:")
+    if not rank.isdigit() or int(rank) < 1:
+        raise GptlabError(f"--data {data}: the rank after `names:` must be a positive whole number, "
+                          "e.g. names:5000")
+    return int(rank)
 
 
 def label_record(name: str, info: dict) -> NameRecord:
@@ -70,7 +84,7 @@ def label_record(name: str, info: dict) -> NameRecord:
     return NameRecord(name.lower(), gender, origin)
 
 
-def build_names(raw: dict) -> list[NameRecord]:
+def build_names(raw: dict, max_rank: int = MAX_RANK) -> list[NameRecord]:
     """Filter and label the package's {Name: {country, gender, rank}} dict."""
     letters = re.compile(r"[A-Za-z]+")
     best: dict[str, tuple[int, NameRecord]] = {}
@@ -79,7 +93,7 @@ def build_names(raw: dict) -> list[NameRecord]:
         if not letters.fullmatch(name) or not ranks:
             continue
         rank = min(ranks.values())
-        if rank > MAX_RANK:
+        if rank > max_rank:
             continue
         rec = label_record(name, info)
         if rec.name not in best or rank < best[rec.name][0]:  # duplicates by case: keep the most popular
@@ -99,13 +113,13 @@ def _load_package_dict() -> dict:
         return pickle.load(f)  # the package's own data file, not user input
 
 
-def load_names(refresh: bool = False) -> list[NameRecord]:
+def load_names(refresh: bool = False, max_rank: int = MAX_RANK) -> list[NameRecord]:
     """The labelled corpus, from the CSV cache (built on first use)."""
-    path = cache_path()
+    path = cache_path(max_rank)
     if path.exists() and not refresh:
         with open(path, newline="") as f:
             return [NameRecord(r["name"], r["gender"], r["origin"]) for r in csv.DictReader(f)]
-    records = build_names(_load_package_dict())
+    records = build_names(_load_package_dict(), max_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as f:
@@ -123,7 +137,7 @@ def names_by_split(records: list[NameRecord]) -> dict[str, list[str]]:
     return out
 
 
-def describe(records: list[NameRecord]) -> str:
+def describe(records: list[NameRecord], max_rank: int = MAX_RANK) -> str:
     """The label rules and counts, as printed by `gptlab data names`."""
     from collections import Counter
 
@@ -132,7 +146,7 @@ def describe(records: list[NameRecord]) -> str:
     origin = Counter(r.origin or "unlabeled" for r in records)
     lengths = [len(r.name) for r in records]
     return "\n".join([
-        f"names corpus: {len(records)} first names (ASCII letters, top {MAX_RANK} in some country), "
+        f"names corpus: {len(records)} first names (ASCII letters, top {max_rank} in some country), "
         f"{len(set(''.join(r.name for r in records)))} distinct characters, "
         f"length {min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.1f})",
         "splits (SHA-1 of the name, 90/5/5): " + ", ".join(f"{s} {splits[s]}" for s in SPLITS),
@@ -140,7 +154,7 @@ def describe(records: list[NameRecord]) -> str:
         f"unlabeled {gender['unlabeled']}",
         f"origin (I: India has the largest share; O: India's share < {OTHER_MAX_INDIA_SHARE}): "
         f"I {origin['I']}, O {origin['O']}, unlabeled {origin['unlabeled']}",
-        f"cache: {cache_path()}",
+        f"cache: {cache_path(max_rank)}",
     ])
 
 
@@ -185,9 +199,11 @@ def split_items(items: list[str], split_seed: int | None = None, test_size: int 
 
 
 def load_corpus(data: str, split_seed: int | None = None, test_size: int | None = None) -> dict[str, list[str]]:
-    """Items per split for `--data names` or `--data path.txt`."""
-    if data == "names":
+    """Items per split for `--data names`, `--data names:RANK` or `--data path.txt`. The names
+    corpora are hash-split whatever the rank, so a task's test name is in no corpus's train split."""
+    rank = names_rank(data)
+    if rank is not None:
         if split_seed is not None:
-            return split_items([r.name for r in load_names()], split_seed, test_size)
-        return names_by_split(load_names())
+            return split_items([r.name for r in load_names(max_rank=rank)], split_seed, test_size)
+        return names_by_split(load_names(max_rank=rank))
     return split_items(read_text_items(data), split_seed, test_size)

@@ -289,6 +289,8 @@ def pretrain_nll_delta(base_model, tuned_lm, tok, base_meta: dict) -> dict:
     if not spec:
         return {}
     items = corpus_from_spec(spec)["test"]
+    if not items:  # a text corpus too small for a test split: nothing to measure
+        return {}
     data = LMDataset(name_pairs(items), tok)
     before, after = evaluate_loss(base_model, data), evaluate_loss(tuned_lm, data)
     return {"pretrain_test_nll_before": before, "pretrain_test_nll_after": after, "delta": after - before}

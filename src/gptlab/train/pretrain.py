@@ -9,7 +9,7 @@ import torch
 
 from gptlab import GptlabError
 from gptlab.data.lm import LMDataset, name_pairs
-from gptlab.data.names import load_corpus
+from gptlab.data.names import load_corpus, names_rank
 from gptlab.data.tokenizer import CharTokenizer
 from gptlab.models.config import GPTConfig, preset
 from gptlab.models.gpt import GPT
@@ -20,7 +20,7 @@ from gptlab.train.trainer import Trainer, TrainConfig, TrainResult, resolve_devi
 
 def data_spec(data: str, split_seed: int | None, test_size: int | None) -> dict:
     """How to rebuild the exact splits later (stored in every checkpoint's meta.json)."""
-    if data != "names":
+    if names_rank(data) is None:
         data = str(Path(data).resolve())
     return {"data": data, "split_seed": split_seed, "test_size": test_size}
 
