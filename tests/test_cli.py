@@ -77,6 +77,6 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert code == 0
     report = (tmp_path / "demo" / "report.md").read_text()
     for section in ["## 1. Data", "## 2. Pretraining", "## 3. Sampling", "pretrain_loss.png", "| LoRA r=2 + emb |",
-                    "## 8. Prompt tuning", "prompt + token embeddings"]:
+                    "## 8. Prompt tuning", "prompt + token embeddings", "95% interval"]:
         assert section in report
     assert (tmp_path / "demo" / "pretrain_loss.png").stat().st_size > 1000

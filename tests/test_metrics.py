@@ -117,3 +117,17 @@ def test_classification_metrics_match_sklearn():
         ints_true.numpy(), ints_pred.numpy()).tolist())
     with pytest.raises(GptlabError):
         M.accuracy([1], [1, 2])
+
+
+@pytest.mark.parametrize("k,n", [(870, 1000), (0, 50), (50, 50), (7, 9), (1286, 1470)])
+def test_wilson_interval_matches_scipy(k, n):
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert M.wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
+
+
+def test_wilson_interval_bad_counts():
+    for k, n in [(1, 0), (5, 4), (-1, 3)]:
+        with pytest.raises(GptlabError, match="successes <= n"):
+            M.wilson_interval(k, n)

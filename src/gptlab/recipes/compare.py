@@ -14,6 +14,7 @@ from gptlab import GptlabError
 from gptlab.data.names import load_names
 from gptlab.data.tasks import CLASSIFICATION, build_task
 from gptlab.evaluate import tasks as ev
+from gptlab.evaluate.metrics import wilson_interval
 from gptlab.models.io import atomic_write_text
 from gptlab.recipes.finetune import METHOD_LR, METHODS, finetune
 from gptlab.report.plots import bar_chart, sweep_chart
@@ -142,6 +143,25 @@ def comparison_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def noise_note(result: dict) -> list[str]:
+    """How wide the test set's 95% interval is around the best row, so that nobody ranks methods
+    on differences the test set cannot resolve (fine-tuning seeds alone move gender by ~2 points)."""
+    rows = [r for r in result["rows"] if r.get("n")]
+    if not rows:
+        return []
+    best = max(rows, key=lambda r: r["metric"])
+    n, k = best["n"], round(best["metric"] * best["n"] / 100)
+    low, high = wilson_interval(k, n)
+    text = (f"Accuracy is measured on {n} test examples: the best row ({best['label']}, {best['metric']:.1f}) has a "
+            f"95% interval of {100 * low:.1f}-{100 * high:.1f} (Wilson), so rows closer than about "
+            f"{50 * (high - low):.1f} points are not told apart by this test set.")
+    for label, b in result.get("baselines", {}).items():
+        if label != "majority":
+            inside = "inside" if low <= b["accuracy"] <= high else "outside"
+            text += f" The {label} scores {100 * b['accuracy']:.1f}, {inside} that interval."
+    return [text + "\n"]
+
+
 def write_report(result: dict, out: Path) -> Path:
     task = result["task"]
     charts = [bar_chart([r["label"] for r in result["rows"]], [r["metric"] for r in result["rows"]],
@@ -149,7 +169,8 @@ def write_report(result: dict, out: Path) -> Path:
                         {k: 100 * b["accuracy"] for k, b in result.get("baselines", {}).items()})]
     if result["sweeps"]:
         charts.append(sweep_chart(result["sweeps"], out / "sweep.png", f"{task}: metric vs trainable parameters"))
-    text = [f"# {task}: methods compared\n", f"Base model: `{result['base']}`.\n", comparison_table(result), ""]
+    text = [f"# {task}: methods compared\n", f"Base model: `{result['base']}`.\n", comparison_table(result), "",
+            *noise_note(result)]
     text += [f"![{c.stem}]({c.name})\n" for c in charts]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(text))

@@ -15,7 +15,7 @@ from pathlib import Path
 from gptlab.data.names import describe, load_names
 from gptlab.data.tasks import build_task
 from gptlab.generate import sample_items, sample_stats
-from gptlab.recipes.compare import compare, comparison_table
+from gptlab.recipes.compare import compare, comparison_table, noise_note
 from gptlab.recipes.finetune import METHOD_LR, _subset, evaluate_task, finetune, load_finetuned
 from gptlab.report.embeddings import embedding_report, format_embedding_report
 from gptlab.report.plots import loss_curve
@@ -124,7 +124,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
                   device=str(dev), limit=plan["limit"], eval_limit=plan["eval_limit"], sweeps=plan["sweeps"], log=log)
     timings["gender"] = time.perf_counter() - t0
     charts = "\n".join(f"![{p.stem}](gender/{p.name})" for p in sorted((out / "gender").glob("*.png")))
-    sections.append("## 6. Gender: every fine-tuning method\n\n" + comparison_table(cmp) + "\n\n" + charts + "\n")
+    sections.append("## 6. Gender: every fine-tuning method\n\n" + comparison_table(cmp) + "\n\n" + "".join(noise_note(cmp)) + "\n" + charts
+                    + "\n")
 
     log("== 7. instruction tuning")
     held = {"held_out_suffixes": HELD_OUT_SUFFIX}
