@@ -156,3 +156,15 @@ def test_forgetting_is_skipped_when_the_base_corpus_has_no_test_split(base, tmp_
     assert pretrain_nll_delta(model, model, tok, {"data_spec": data_spec(str(corpus), None, None)}) == {}
     delta = pretrain_nll_delta(model, model, tok, meta)  # the names base: measured, and 0 for the same model
     assert delta["delta"] == pytest.approx(0.0, abs=1e-9) and delta["pretrain_test_nll_before"] > 0
+
+
+def test_same_seed_same_head_whatever_ran_before(base, tmp_path):
+    """The head's initial weights follow --seed, not whatever drew random numbers earlier in the process."""
+    torch.manual_seed(1)
+    a = tune(base, tmp_path / "a", "gender", "head", route="head", steps=3)
+    torch.rand(1000)
+    b = tune(base, tmp_path / "b", "gender", "head", route="head", steps=3)
+    assert a["best_val_loss"] == b["best_val_loss"] and a["metric"] == b["metric"]
+    ha, _, _ = load_finetuned(tmp_path / "a")
+    hb, _, _ = load_finetuned(tmp_path / "b")
+    assert torch.equal(ha.score.weight, hb.score.weight)

@@ -193,6 +193,7 @@ def finetune(base: str | Path, task: str, method: str, out: str | Path, *, route
     val_ex = _subset(data.splits["val"], eval_limit, "val")
     test_ex = _subset(data.splits["test"], eval_limit, "test")
 
+    torch.manual_seed(train_cfg.seed)  # the head's and the method's initial weights follow --seed
     if route == "head":
         target = SequenceClassifier(model, len(labels)).to(dev)
         to_ds = lambda exs: ClassificationDataset([BOS + e.item + EOS for e in exs],
@@ -205,7 +206,6 @@ def finetune(base: str | Path, task: str, method: str, out: str | Path, *, route
         target = model
         to_ds = lambda exs: LMDataset([(e.prompt, e.completion) for e in exs], tok, block)
         loss_fn = None
-    torch.manual_seed(train_cfg.seed)
     if not (method == "full" and route == "generate"):
         apply_peft(target, method_config(method, **method_opts), tokenizer=tok)
     report = param_report(target)
