@@ -59,7 +59,10 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="at most this many training names")
     p.add_argument("--eval-limit", type=int, default=1000, help="val/test names (compare's and the demo's 1000)")
     a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {a.seeds!r}: give comma-separated whole numbers, e.g. 0,1,2")
     out = Path(a.out)
     if a.base is None:
         a.base = out / "base"
