@@ -56,9 +56,9 @@ def test_compare_noise_note_gives_the_interval_and_places_the_baseline():
 
     rows = [{"label": "full", "metric": 87.0, "n": 1000}, {"label": "head", "metric": 74.0, "n": 1000}]
     base = {"majority": {"accuracy": 0.55}, "char n-gram logistic regression": {"accuracy": 0.885}}
-    (text,) = noise_note({"rows": rows, "baselines": base})
+    text = noise_note({"rows": rows, "baselines": base})
     assert "full, 87.0" in text and "84.8-88.9" in text and "about 2.1 points" in text  # Wilson on 870/1000
     assert "logistic regression scores 88.5, inside" in text and "majority" not in text
     base["char n-gram logistic regression"]["accuracy"] = 0.90
-    assert "90.0, outside" in noise_note({"rows": rows, "baselines": base})[0]
-    assert noise_note({"rows": [{"label": "x", "metric": 50.0}], "baselines": {}}) == []  # not a classification
+    assert "90.0, outside" in noise_note({"rows": rows, "baselines": base})
+    assert noise_note({"rows": [{"label": "x", "metric": 50.0}], "baselines": {}}) == ""  # not a classification

@@ -69,6 +69,11 @@ def _method_options(a) -> dict:
                 prefix_projection=a.prefix_projection, last_k=a.last_k, train_embeddings=a.train_embeddings)
 
 
+def _no_data_for_names(a) -> None:
+    if a.data:
+        raise GptlabError("--data is for --task commongen; the names tasks build their data from the names corpus")
+
+
 def _finetune_commongen(a) -> int:
     from gptlab.recipes.commongen import COMMONGEN_LR, finetune_commongen
 
@@ -91,8 +96,7 @@ def cmd_finetune(a) -> int:
 
     if a.task == "commongen":
         return _finetune_commongen(a)
-    if a.data:
-        raise GptlabError("--data is for --task commongen; the names tasks build their data from the names corpus")
+    _no_data_for_names(a)
     if a.lr is None:
         a.lr = METHOD_LR.get(a.method, 1e-3)
     r = finetune(a.run, a.task, a.method, a.out, route=a.route, train_cfg=_train_config(a), device=a.device,
@@ -264,8 +268,7 @@ def cmd_compare(a) -> int:
                               limit=a.limit, eval_limit=a.eval_limit or 200, method_lr=method_lr)
         print(f"zero-shot and {len(r['rows'])} rows compared: {a.out}/report.md")
         return 0
-    if a.data:
-        raise GptlabError("--data is for --task commongen; the names tasks build their data from the names corpus")
+    _no_data_for_names(a)
     from gptlab.recipes.compare import compare
 
     method_lr = a.lr is None  # each method at its own default learning rate

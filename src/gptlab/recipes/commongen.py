@@ -15,20 +15,19 @@ held out by a hash, so the dev set that is reported is never used to pick a chec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from pathlib import Path
 
-import torch
-
 from gptlab import GptlabError
 from gptlab.data.commongen import format_example, load_commongen
 from gptlab.data.lm import LMDataset
 from gptlab.evaluate.commongen import default_data_dir, evaluate_commongen
-from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint, save_checkpoint
+from gptlab.models.io import atomic_write_text
 from gptlab.models.pretrained import base_key, load_base
-from gptlab.peft import load_peft, save_peft
+from gptlab.recipes.finetune import _save_method, apply_method, dir_bytes, load_method_run, method_run, quantize_base
 from gptlab.train.trainer import Trainer, TrainConfig, resolve_device
 
 # the methods that make sense for generation with a pretrained LM (no classification head here)
@@ -74,40 +73,25 @@ def pairs_for(examples, tok, limit: int | None = None, salt: str = "train") -> l
     return pairs if limit is None else pairs[:limit]
 
 
-def _save(path, model, tok, meta):
-    """A full checkpoint, or just the method and meta.json: the tokenizer comes with the base model."""
-    if meta["method"] == "full":
-        save_checkpoint(path, model, tok, meta)
-        return
-    save_peft(model, path)
-    atomic_write_text(Path(path) / "meta.json", json.dumps(meta, indent=2) + "\n")
-
-
 def is_commongen_run(path) -> bool:
-    ckpt = Path(path) / "checkpoint" if (Path(path) / "checkpoint").is_dir() else Path(path)
     try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, ValueError):
+        return method_run(path, "finetune", "fine-tuning")[1].get("task") == "commongen"
+    except (GptlabError, OSError, ValueError):
         return False
-    return meta.get("kind") == "finetune" and meta.get("task") == "commongen"
 
 
 def load_commongen_run(run: str | Path, device="cpu"):
     """(tuned model, tokenizer, meta) of a `gptlab finetune --task commongen` run directory."""
-    from gptlab.data.tokenizer import wrap_tokenizer
-    from gptlab.recipes.finetune import method_run, quantize_base
+    task = method_run(run, "finetune", "fine-tuning")[1].get("task")
+    if task != "commongen":
+        raise GptlabError(f"{run} is a {task} run, not a CommonGen one")
+    return load_method_run(run, "finetune", "fine-tuning", device)
 
-    ckpt, meta = method_run(run, "finetune", "fine-tuning")
-    if meta.get("task") != "commongen":
-        raise GptlabError(f"{run} is a {meta.get('task')} run, not a CommonGen one")
-    if is_checkpoint(ckpt):
-        model, tok, _ = load_checkpoint(ckpt, device)
-        return model.eval(), wrap_tokenizer(tok, model.config.extra), meta
-    model, tok, _ = load_base(meta["base"], device)
-    if meta.get("quantization"):
-        quantize_base(model, meta["quantization"], where=str(run))
-    load_peft(model, ckpt)
-    return model.eval(), tok, meta
+
+def dev_sets_of(data: str | Path | None, eval_limit: int | None):
+    """The first `eval_limit` CommonGen dev concept sets (all with None)."""
+    sets = load_commongen(Path(data) if data else default_data_dir(), "dev")
+    return sets if eval_limit is None else sets[:eval_limit]
 
 
 def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: str | Path | None = None,
@@ -116,8 +100,6 @@ def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: 
                        max_new_tokens: int = 32, route: str = "generate", log=print, **method_opts) -> dict:
     """Tune `base` (a preset name, .gguf, HF or gptlab directory) on CommonGen train with `method`;
     score greedy generations on the first `eval_limit` dev concept sets."""
-    from gptlab.recipes.finetune import apply_method, dir_bytes, quantize_base
-
     if method not in COMMONGEN_METHODS:
         raise GptlabError(f"method {method!r} does not apply to CommonGen; choose one of: {', '.join(COMMONGEN_METHODS)}")
     if route != "generate":
@@ -126,9 +108,7 @@ def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: 
     dev_ = resolve_device(device)
     root = Path(data) if data else default_data_dir()
     train_sets, val_sets = split_train(load_commongen(root, "train"))
-    dev_sets = load_commongen(root, "dev")
-    if eval_limit is not None:
-        dev_sets = dev_sets[:eval_limit]
+    dev_sets = dev_sets_of(root, eval_limit)
     model, tok, _info = load_base(base, dev_)
     quantization = quantize_base(model) if method == "qlora" else None
     train_pairs = pairs_for(train_sets, tok, limit)
@@ -146,7 +126,7 @@ def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: 
             "method_options": method_opts, "labels": []}
     if quantization:
         meta["quantization"] = quantization
-    trainer = Trainer(model, train_cfg, out, tokenizer=tok, meta=meta, device=dev_, save_fn=_save)
+    trainer = Trainer(model, train_cfg, out, tokenizer=tok, meta=meta, device=dev_, save_fn=_save_method)
     if trainer.try_resume():
         log(f"resuming {out} from step {trainer.step}")
     result = trainer.fit(train_ds, val_ds)
@@ -215,8 +195,6 @@ def compare_commongen(base: str | Path, out: str | Path, *, methods: list[str] |
     """Zero-shot vs each method on the same dev concept sets: report.md, a chart and results.json.
     Each method is an ordinary finetune run under OUT/runs/<method>, so an interrupted comparison resumes.
     `method_lr`: each method at its COMMONGEN_LR instead of train_cfg.lr."""
-    import dataclasses
-
     from gptlab.report.plots import grouped_bar_chart
 
     out = Path(out)
@@ -226,8 +204,7 @@ def compare_commongen(base: str | Path, out: str | Path, *, methods: list[str] |
     if unknown:
         raise GptlabError(f"no CommonGen line-up entry for {unknown}; choose from {', '.join(r[1] for r in LINEUP)}")
     dev_ = resolve_device(device)
-    dev_sets = load_commongen(Path(data) if data else default_data_dir(), "dev")
-    dev_sets = dev_sets[:eval_limit] if eval_limit is not None else dev_sets
+    dev_sets = dev_sets_of(data, eval_limit)
     log("-- zero-shot")
     rows = zero_shot_rows(base, dev_sets, dev_, gen_batch, max_new_tokens, out)
     for label, method, opts in lineup:

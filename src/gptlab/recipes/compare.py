@@ -143,12 +143,12 @@ def comparison_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def noise_note(result: dict) -> list[str]:
+def noise_note(result: dict) -> str:
     """How wide the test set's 95% interval is around the best row, so that nobody ranks methods
     on differences the test set cannot resolve (fine-tuning seeds alone move gender by ~2 points)."""
     rows = [r for r in result["rows"] if r.get("n")]
     if not rows:
-        return []
+        return ""
     best = max(rows, key=lambda r: r["metric"])
     n, k = best["n"], round(best["metric"] * best["n"] / 100)
     low, high = wilson_interval(k, n)
@@ -159,7 +159,7 @@ def noise_note(result: dict) -> list[str]:
         if label != "majority":
             inside = "inside" if low <= b["accuracy"] <= high else "outside"
             text += f" The {label} scores {100 * b['accuracy']:.1f}, {inside} that interval."
-    return [text + "\n"]
+    return text + "\n"
 
 
 def write_report(result: dict, out: Path) -> Path:
@@ -170,7 +170,7 @@ def write_report(result: dict, out: Path) -> Path:
     if result["sweeps"]:
         charts.append(sweep_chart(result["sweeps"], out / "sweep.png", f"{task}: metric vs trainable parameters"))
     text = [f"# {task}: methods compared\n", f"Base model: `{result['base']}`.\n", comparison_table(result), "",
-            *noise_note(result)]
+            noise_note(result)]
     text += [f"![{c.stem}]({c.name})\n" for c in charts]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(text))

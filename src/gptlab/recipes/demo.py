@@ -124,8 +124,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
                   device=str(dev), limit=plan["limit"], eval_limit=plan["eval_limit"], sweeps=plan["sweeps"], log=log)
     timings["gender"] = time.perf_counter() - t0
     charts = "\n".join(f"![{p.stem}](gender/{p.name})" for p in sorted((out / "gender").glob("*.png")))
-    sections.append("## 6. Gender: every fine-tuning method\n\n" + comparison_table(cmp) + "\n\n" + "".join(noise_note(cmp)) + "\n" + charts
-                    + "\n")
+    sections.append(f"## 6. Gender: every fine-tuning method\n\n{comparison_table(cmp)}\n\n{noise_note(cmp)}\n{charts}\n")
 
     log("== 7. instruction tuning")
     held = {"held_out_suffixes": HELD_OUT_SUFFIX}

@@ -52,13 +52,12 @@ import torch.nn as nn
 from gptlab import GptlabError
 from gptlab.data.lm import LMDataset, name_pairs
 from gptlab.data.preferences import PreferencePair, load_preferences
-from gptlab.data.tokenizer import BOS, EOS, CharTokenizer, HFTokenizer, wrap_tokenizer
+from gptlab.data.tokenizer import BOS, EOS, CharTokenizer, HFTokenizer
 from gptlab.generate import chat_prompt, generate, sample_items, stop_tokens
-from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint
+from gptlab.models.io import atomic_write_text, is_checkpoint
 from gptlab.models.pretrained import base_key, load_base
-from gptlab.peft import load_peft
 from gptlab.peft.api import disable_adapters
-from gptlab.recipes.finetune import METHODS as FINETUNE_METHODS, _save_method, apply_method
+from gptlab.recipes.finetune import METHODS as FINETUNE_METHODS, _save_method, apply_method, load_method_run
 from gptlab.train.dpo import LOSS_TYPES, _logits, dpo_loss, preference_batch, sequence_logprobs
 from gptlab.train.trainer import Trainer, TrainConfig, evaluate_loss, resolve_device
 
@@ -370,19 +369,7 @@ def monte_carlo_kl(policy, prompts: list[list[int]], n_per_prompt: int, max_new_
 
 def load_dpo(run: str | Path, device="cpu"):
     """(tuned model, tokenizer, meta) of a `gptlab dpo` run directory (or its checkpoint/)."""
-    from gptlab.recipes.finetune import method_run
-
-    ckpt, meta = method_run(run, "dpo", "DPO")
-    if is_checkpoint(ckpt):
-        model, tok, _ = load_checkpoint(ckpt, device)
-        return model.eval(), wrap_tokenizer(tok, model.config.extra), meta
-    model, tok, _ = load_base(meta["base"], device)
-    if meta.get("quantization"):  # qlora: the same quantized base the adapter was trained on
-        from gptlab.recipes.finetune import quantize_base
-
-        quantize_base(model, meta["quantization"], where=str(run))
-    load_peft(model, ckpt)
-    return model.eval(), tok, meta
+    return load_method_run(run, "dpo", "DPO", device)
 
 
 def names_stats(model, tok, n: int, seed: int, prefers, judge, nll_data, when: str) -> tuple[dict, list[str]]:

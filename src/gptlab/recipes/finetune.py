@@ -21,9 +21,10 @@ from gptlab import GptlabError
 from gptlab.data.lm import ClassificationDataset, LMDataset, name_pairs
 from gptlab.data.names import load_names
 from gptlab.data.tasks import CLASSIFICATION, TaskData, _h, build_task
-from gptlab.data.tokenizer import BOS, EOS
+from gptlab.data.tokenizer import BOS, EOS, wrap_tokenizer
 from gptlab.evaluate import tasks as ev
 from gptlab.models.io import atomic_write_text, is_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from gptlab.models.pretrained import load_base
 from gptlab.peft import (AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, SelectiveConfig,
                          SequenceClassifier, apply_peft, bitfit, full, head_only, last_k_blocks, load_peft, param_report, save_peft)
 from gptlab.peft.api import backbone
@@ -69,12 +70,21 @@ def method_config(method: str, *, rank: int = 8, alpha: float | None = None, lor
 
 
 def apply_method(model, method: str, tokenizer, seed: int, **method_opts) -> dict:
-    """Seed, apply `method`'s PEFT config (full tuning needs none) and return param_report: the one
-    way every recipe (finetune, CommonGen, DPO) puts a method on its model."""
+    """Seed, apply `method`'s PEFT config and return param_report: the one way every recipe
+    (finetune, CommonGen, DPO) puts a method on its model. Full tuning of a plain LM needs no config;
+    with a classification head it is a method (everything + head) saved in the PEFT format. The
+    total counts a QLoRA base's NF4 weights, which are buffers rather than parameters."""
     torch.manual_seed(seed)
-    if method != "full":
+    if method != "full" or isinstance(model, SequenceClassifier):
         apply_peft(model, method_config(method, **method_opts), tokenizer=tokenizer)
-    return param_report(model)
+    report = param_report(model)
+    from gptlab.quant import quant_modules
+
+    frozen = sum(math.prod(q.shape) for q in quant_modules(model).values() if q.tied_to is None)
+    if frozen:
+        report = {**report, "total": report["total"] + frozen,
+                  "percent": 100.0 * report["trainable"] / max(report["total"] + frozen, 1)}
+    return report
 
 
 def _method_config(method: str, *, rank, alpha, lora_dropout, targets, adapter_size, placement, virtual_tokens,
@@ -107,13 +117,13 @@ def _subset(items: list, limit: int | None, salt: str) -> list:
 
 
 def _save_method(path, model, tokenizer, meta):
-    """The deliverable: only the method's weights (+ head), plus meta.json and tokenizer.json."""
+    """The deliverable: only the method's weights (+ head) and meta.json; the tokenizer comes with the
+    base the meta names. Full tuning of the LM is a whole checkpoint instead."""
     if meta.get("method") == "full" and meta.get("route") == "generate":
         save_checkpoint(path, model, tokenizer, meta)
         return
     save_peft(model, path)
     atomic_write_text(Path(path) / "meta.json", json.dumps(meta, indent=2) + "\n")
-    tokenizer.save(Path(path) / "tokenizer.json")
 
 
 def quantize_base(model, recorded: dict | None = None, where: str = "") -> dict:
@@ -143,6 +153,20 @@ def method_run(run: str | Path, kind: str, label: str) -> tuple[Path, dict]:
     if meta.get("kind") != kind:
         raise GptlabError(f"{run} is not a {label} run: give a directory written by `gptlab {kind}`")
     return ckpt, meta
+
+
+def load_method_run(run: str | Path, kind: str, label: str, device="cpu"):
+    """(tuned LM, tokenizer, meta) of a run on any pretrained base (CommonGen, DPO): its full
+    checkpoint, or its base (quantized again for QLoRA) with the method file loaded onto it."""
+    ckpt, meta = method_run(run, kind, label)
+    if is_checkpoint(ckpt):
+        model, tok, _ = load_checkpoint(ckpt, device)
+        return model.eval(), wrap_tokenizer(tok, model.config.extra), meta
+    model, tok, _ = load_base(meta["base"], device)
+    if meta.get("quantization"):  # qlora: the same quantized base the adapter was trained on
+        quantize_base(model, meta["quantization"], where=str(run))
+    load_peft(model, ckpt)
+    return model.eval(), tok, meta
 
 
 def load_finetuned(run: str | Path, device="cpu"):
@@ -206,15 +230,7 @@ def finetune(base: str | Path, task: str, method: str, out: str | Path, *, route
         target = model
         to_ds = lambda exs: LMDataset([(e.prompt, e.completion) for e in exs], tok, block)
         loss_fn = None
-    if not (method == "full" and route == "generate"):
-        apply_peft(target, method_config(method, **method_opts), tokenizer=tok)
-    report = param_report(target)
-    if quantization:  # the NF4 weights are buffers, not parameters: count them in the total
-        from gptlab.quant import quant_modules
-
-        frozen = sum(math.prod(q.shape) for q in quant_modules(target).values() if q.tied_to is None)
-        report = {**report, "total": report["total"] + frozen,
-                  "percent": 100.0 * report["trainable"] / max(report["total"] + frozen, 1)}
+    report = apply_method(target, method, tok, train_cfg.seed, **method_opts)
     log(f"{task} / {method} / {route}: {report['trainable']:,} trainable of {report['total']:,} parameters "
         f"({report['percent']:.2f}%); {len(train_ex)} train, {len(val_ex)} val examples")
     meta = {"kind": "finetune", "base": str(base_ckpt), "task": task, "method": method, "route": route,
