@@ -100,7 +100,9 @@ class PrefixTuning(nn.Module):
     def layer_kv(self, layer: int, batch_size: int):
         enc = self.encoders[self.active]
         if layer == 0 or self._table is None:
-            self._table = enc.full_table()
+            # a plain attribute: assigning the Parameter itself (no MLP) would register it a second
+            # time, under `_table`, and the saved state dict would depend on whether a forward ran
+            self.__dict__["_table"] = enc.full_table()
         return enc.layer_kv(self._table, layer, batch_size)
 
 
@@ -125,7 +127,7 @@ def install_hooks(gpt: nn.Module) -> None:
         on = owner is not None and owner.active is not None
         attn.prefix = LayerPrefix(owner, attn.layer_idx) if on else None
     if owner is not None:
-        owner._table = None
+        owner.__dict__["_table"] = None
 
 
 def inject_prefix(gpt: nn.Module, config: PrefixTuningConfig, projection: int | None = None) -> None:
