@@ -141,7 +141,7 @@ model.eval()
 with torch.no_grad():
     logits = model(val.batch(range(8))["x"])[0]  # every rank runs the sharded forward
 if t.dist.is_main:
-    save_file({"logits": logits.contiguous()}, out + "/logits.safetensors")
+    save_file({"logits": logits.contiguous()}, out + ".logits.safetensors")
 dist.cleanup()
 """
 
@@ -157,7 +157,7 @@ def test_fsdp_checkpoint_is_whole_and_resumes_in_one_process(names, straight, tm
     x = LMDataset(name_pairs(corpus_from_spec(meta["data_spec"])["val"]), tok, 32).batch(range(8))["x"]
     with torch.no_grad():
         logits = model(x)[0]
-    sharded = read_safetensors(out / "logits.safetensors")["logits"]
+    sharded = read_safetensors(tmp_path / "fsdp.logits.safetensors")["logits"]
     assert torch.allclose(logits, sharded, atol=1e-6), (logits - sharded).abs().max()
     # one process, the whole batch, picks the FSDP run up from its resume/ directory
     pretrain(str(names), out, "char-tiny", train_cfg(), split_seed=0, device="cpu", log=lambda *a: None)

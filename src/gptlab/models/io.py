@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -43,11 +45,42 @@ def atomic_dir(path: str | Path):
         raise
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of a killed process that had our pid
         os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def _leftover_re(name: str) -> re.Pattern:
+    """atomic_dir's own names for `name`: mkdtemp's 8 random characters, or the old copy's pid."""
+    return re.compile(rf"\.{re.escape(name)}\.(tmp-[a-z0-9_]{{8}}|old-[0-9]+)")
+
+
+def recover_atomic_dirs(parent: str | Path, names: tuple[str, ...]) -> list[str]:
+    """After a kill -9: delete atomic_dir's leftovers of `names` in `parent`; the names put back.
+
+    Only call it while no other process writes there. A `.NAME.old-PID` whose NAME is gone is the
+    previous complete version (killed between the two renames), so it is put back, not deleted."""
+    parent, restored = Path(parent), []
+    for name in names:
+        pattern = _leftover_re(name)
+        found = sorted((p for p in parent.iterdir() if pattern.fullmatch(p.name)
+                        and p.is_dir() and not p.is_symlink()), key=lambda p: p.stat().st_mtime)
+        olds = [p for p in found if p.name.startswith(f".{name}.old-")]
+        if olds and not (parent / name).exists():
+            os.replace(olds[-1], parent / name)
+            found.remove(olds[-1])
+            restored.append(name)
+        for p in found:
+            shutil.rmtree(p, ignore_errors=True)
+    return restored
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -110,16 +143,41 @@ def write_tokenizer_and_meta(directory: Path, tokenizer=None, meta: dict | None 
         (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_checkpoint(path: str | Path, model: GPT, tokenizer=None, meta: dict | None = None) -> Path:
+def save_checkpoint(path: str | Path, model: GPT, tokenizer=None, meta: dict | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """`extra(tmp)` writes more files (a trainer's state) that must appear together with the weights."""
     with atomic_dir(path) as tmp:
         model.config.save(tmp / CONFIG)
         save_file(state_dict_for_save(model), str(tmp / WEIGHTS))
         write_tokenizer_and_meta(tmp, tokenizer, meta)
+        if extra is not None:
+            extra(tmp)
     return Path(path)
 
 
 def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / CONFIG).exists() and (Path(path) / WEIGHTS).exists()
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's meta.json ({} when it has none), checked enough that no verb trips on it later."""
+    f = Path(path) / META
+    if not f.exists():
+        return {}
+    fix = "restore it, or delete it and re-run the command that wrote the checkpoint"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise GptlabError(f"{f} is corrupt ({getattr(e, 'strerror', None) or e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise GptlabError(f"{f} is corrupt (a JSON {type(meta).__name__}, not an object); {fix}")
+    spec = meta.get("data_spec")
+    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("data"), str)
+                                 and all(spec.get(k) is None or (isinstance(spec[k], int) and not isinstance(spec[k], bool))
+                                         for k in ("split_seed", "test_size"))):
+        raise GptlabError(f"{f} is corrupt (data_spec must be an object with a `data` string and whole-number or "
+                          f"null split_seed/test_size); {fix}")
+    return meta
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
@@ -140,7 +198,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     if tok is not None and getattr(tok, "vocab_size", config.vocab_size) > config.vocab_size:
         raise GptlabError(f"tokenizer in {path} has {tok.vocab_size} tokens but the model only "
                           f"{config.vocab_size}: they belong to different models")
-    meta = json.loads((path / META).read_text()) if (path / META).exists() else {}
+    meta = read_meta(path)
     return model, tok, meta
 
 

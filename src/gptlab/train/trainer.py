@@ -6,6 +6,8 @@ Run directory layout:
   resume/       the latest state: weights + trainer_state.pt (optimizer, step, RNG) for resuming
   metrics.jsonl one JSON object per logged step or evaluation
 Resume is exact: the data order is a pure function of (seed, step) and the RNG state is restored.
+A run directory has one writer at a time, SIGTERM saves like Ctrl-C, and a resume must keep the
+settings the run started with (rundir.py).
 Under torchrun (`strategy="ddp"|"fsdp"`, see dist.py) each rank trains on its share of the same
 global batches, only rank 0 writes and prints, and the checkpoints stay in the one-process format.
 """
@@ -24,8 +26,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gptlab import GptlabError
-from gptlab.models.io import is_checkpoint, save_checkpoint
+from gptlab.models.io import META, WEIGHTS, is_checkpoint, load_weights_into, read_safetensors, save_checkpoint
 from gptlab.train.dist import Dist, setup as setup_dist
+from gptlab.train.rundir import check_same_settings, hold_run_dir, sigterm_interrupts
 
 STATE_FILE = "trainer_state.pt"
 
@@ -209,6 +212,11 @@ class Trainer:
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step, self.best_val, self.bad_evals, self.elapsed = 0, None, 0, 0.0
 
+    @property
+    def global_batch(self) -> int:
+        """Items per optimizer step: a resume may change ranks, batch_size and grad_accum, not this."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.dist.world_size
+
     # --- checkpoints -------------------------------------------------------------------------
     def _save(self, name: str, with_state: bool, collective: bool = True) -> None:
         """Rank 0 writes; under FSDP every rank must call this (`collective`) to gather the shards."""
@@ -221,37 +229,49 @@ class Trainer:
         meta = {**self.meta, "step": self.step, "best_val": self.best_val, "train_config": asdict(self.cfg)}
         path = self.out / name
         model = d.savable(self.model)
-        if with_state:
-            rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
-            rng_ranks = d.gather_objects(rng) if collective else [rng]
-            optimizer = d.full_optimizer_state(self.optimizer)
+        state = self._state(collective) if with_state else None  # collectives: on every rank
         if not d.is_main:
             return
-        if with_state:  # the whole training model (method wrappers included), so resume is exact
-            save_checkpoint(path, model, self.tokenizer, meta)
+        if with_state:  # the whole training model (method wrappers included), so resume is exact;
+            # the state goes into the same temporary directory, so `resume/` never lacks it
+            save_checkpoint(path, model, self.tokenizer, {**meta, "global_batch": self.global_batch},
+                            extra=lambda tmp: torch.save(state, tmp / STATE_FILE))
         else:
             self.save_fn(path, model, self.tokenizer, meta)
-        if with_state:
-            state = {
-                "step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
-                "elapsed": self.elapsed, "optimizer": optimizer,
-                "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            }
-            if d.world_size > 1:  # each rank's own dropout stream, for a resume at the same world size
-                state["rng_ranks"] = rng_ranks
-            # the state file goes into the directory just written, atomically
-            tmp = path / f".{STATE_FILE}.tmp"
-            torch.save(state, tmp)
-            tmp.replace(path / STATE_FILE)
+
+    def _state(self, collective: bool) -> dict:
+        """What resuming needs besides the weights: optimizer, counters and every RNG stream."""
+        d = self.dist
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        rng_ranks = d.gather_objects(rng) if collective else [rng]
+        state = {
+            "step": self.step, "best_val": self.best_val, "bad_evals": self.bad_evals,
+            "elapsed": self.elapsed, "optimizer": d.full_optimizer_state(self.optimizer),
+            "scaler": self.scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        if d.world_size > 1:  # each rank's own dropout stream, for a resume at the same world size
+            state["rng_ranks"] = rng_ranks
+        return state
+
+    def _check_resume_complete(self) -> bool:
+        """Whether `out/resume` is there; one whose state is missing must not restart at step 0."""
+        path = self.out / "resume"
+        if not path.exists():
+            return False
+        if not (is_checkpoint(path) and (path / STATE_FILE).exists()):
+            raise GptlabError(f"{path} is incomplete (no {STATE_FILE}; a run was killed while saving): "
+                              f"delete {path} to start this run over from step 0, or use another --out / --fresh")
+        return True
 
     def try_resume(self) -> bool:
         """Restore weights, optimizer, step and RNG from `out/resume` if it is there."""
         path = self.out / "resume"
-        if not (is_checkpoint(path) and (path / STATE_FILE).exists()):
+        if not self._check_resume_complete():
             return False
-        from gptlab.models.io import load_weights_into, read_safetensors, WEIGHTS
-
+        if (path / META).exists():
+            check_same_settings(self.out, json.loads((path / META).read_text()),
+                                {**self.meta, "train_config": asdict(self.cfg), "global_batch": self.global_batch})
         load_weights_into(self.model, self.dist.shard_state_dict(self.model, read_safetensors(path / WEIGHTS)),
                           str(path))
         try:
@@ -274,9 +294,7 @@ class Trainer:
                 torch.cuda.set_rng_state(cuda, self.device)
         else:  # another world size: dropout masks cannot continue exactly; each rank reseeds
             torch.manual_seed(self.cfg.seed + self.dist.rank + 1_000_003 * self.step)
-        if self.dist.is_main:
-            self._truncate_metrics(self.step)
-        return True
+        return True  # metrics.jsonl is cut back to this step in fit, under the run's lock
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines written after the resumed step, so the curve has no duplicates."""
@@ -302,8 +320,6 @@ class Trainer:
 
     def fit(self, train_data, val_data=None, stop_at: int | None = None) -> TrainResult:
         """Train to cfg.max_steps (or pause at `stop_at`: the schedule still spans max_steps)."""
-        cfg = self.cfg
-        last = min(cfg.max_steps, stop_at or cfg.max_steps)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -312,6 +328,18 @@ class Trainer:
         if len(train_data) < d.world_size:
             raise GptlabError(f"{len(train_data)} training items cannot be shared by {d.world_size} ranks: "
                               "use fewer processes")
+        with hold_run_dir(self.out, d, resumed=self.step > 0):  # one process per run directory
+            if self.step == 0:
+                self._check_resume_complete()  # an incomplete resume/ must not be overwritten from step 0
+            elif d.is_main:
+                self._truncate_metrics(self.step)
+            with sigterm_interrupts():
+                result = self._run(train_data, val_data, min(self.cfg.max_steps, stop_at or self.cfg.max_steps))
+        result.step, result.best_val, result.elapsed = self.step, self.best_val, self.elapsed
+        return result
+
+    def _run(self, train_data, val_data, last: int) -> TrainResult:
+        cfg, d = self.cfg, self.dist
         if self.step == 0:
             torch.manual_seed(cfg.seed + d.rank)  # rank 0 draws what a one-process run draws
         # batch_size is per rank: the global batch, the same on every rank, is cut into shares
@@ -320,67 +348,24 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress or not d.is_main,
                    dynamic_ncols=True, desc="train", unit="step")
         result = TrainResult(step=self.step, best_val=self.best_val)
-        tokens_since, t_since = 0, time.perf_counter()
+        self._tokens_since, self._t_since = 0, time.perf_counter()
         try:
             while self.step < last:
                 if cfg.max_time is not None and self.elapsed >= cfg.max_time:
                     break
-                t0 = time.perf_counter()
-                lr = lr_at(self.step, cfg, self.elapsed)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                micro = [train_data.batch(d.shard(order(self.step * cfg.grad_accum + i)))
-                         for i in range(cfg.grad_accum)]
-                # weight each micro-batch by its share of the step's targets (over all ranks), so
-                # accumulation gives exactly the gradient of the global batch's per-token mean; times
-                # the world size because DDP and FSDP average gradients over ranks
-                counts = [count_targets(b) for b in micro]
-                total = sum(counts) if d.world_size == 1 else d.sum([sum(counts)])[0]
-                loss_sum, n_tokens = 0.0, 0
-                for i, (b, c) in enumerate(zip(micro, counts)):
-                    loss, n = self._micro_step(b, c * d.world_size / total, sync=i == len(micro) - 1)
-                    loss_sum += loss * c / total
-                    n_tokens += n
-                if cfg.grad_clip:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                                   cfg.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                dt = time.perf_counter() - t0
-                if d.world_size > 1:  # the global loss and tokens; rank 0's clock, so max_time stops all ranks
-                    loss_sum, n_tokens, dt = d.sum([loss_sum, n_tokens, dt if d.is_main else 0.0])
-                self.elapsed += dt
-                tokens_since += n_tokens
-                loss = loss_sum
-                if not math.isfinite(loss):
-                    raise GptlabError(f"the loss became {loss} at step {self.step}: lower --lr or use fp32")
+                lr, loss, n_tokens = self._train_step(train_data, order)
+                self._tokens_since += n_tokens
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    now = time.perf_counter()
-                    tps = tokens_since / max(now - t_since, 1e-9)
-                    tokens_since, t_since = 0, now
-                    rec = {"step": self.step, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tps, 1),
-                           "elapsed": round(self.elapsed, 2)}
-                    if self.log_fn is not None:
-                        rec.update(self.log_fn())
-                    self._log(rec)
-                    result.history.append(rec)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                    self._log_step(lr, loss, result, bar)
                 bar.update(1)
-                if val_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                    if self._evaluate(val_data, result):
-                        result.stopped_early = True
-                        break
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < last:
-                    self._save("resume", with_state=True)
+                if self._on_schedule(val_data, result, last):
+                    result.stopped_early = True
+                    break
         except KeyboardInterrupt:
             bar.close()
             # ranks are interrupted at different points: no collectives (DDP: rank 0 saves; FSDP cannot)
             self._save("resume", with_state=True, collective=d.world_size == 1)
             result.interrupted = True
-            result.step, result.best_val, result.elapsed = self.step, self.best_val, self.elapsed
             return result
         bar.close()
         if val_data is not None and self.best_val is None:
@@ -388,13 +373,70 @@ class Trainer:
         if not d.agree(is_checkpoint(self.out / "checkpoint")):
             self._save("checkpoint", with_state=False)
         self._save("resume", with_state=True)
-        result.step, result.best_val, result.elapsed = self.step, self.best_val, self.elapsed
         return result
+
+    def _train_step(self, train_data, order: BatchOrder) -> tuple[float, float, int]:
+        """One optimizer step over grad_accum micro-batches: (lr, global mean loss, global tokens)."""
+        cfg, d = self.cfg, self.dist
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, cfg, self.elapsed)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        micro = [train_data.batch(d.shard(order(self.step * cfg.grad_accum + i))) for i in range(cfg.grad_accum)]
+        # weight each micro-batch by its share of the step's targets (over all ranks), so
+        # accumulation gives exactly the gradient of the global batch's per-token mean; times
+        # the world size because DDP and FSDP average gradients over ranks
+        counts = [count_targets(b) for b in micro]
+        total = sum(counts) if d.world_size == 1 else d.sum([sum(counts)])[0]
+        loss_sum, n_tokens = 0.0, 0
+        for i, (b, c) in enumerate(zip(micro, counts)):
+            loss, n = self._micro_step(b, c * d.world_size / total, sync=i == len(micro) - 1)
+            loss_sum += loss * c / total
+            n_tokens += n
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        if d.world_size > 1:  # the global loss and tokens; rank 0's clock, so max_time stops all ranks
+            loss_sum, n_tokens, dt = d.sum([loss_sum, n_tokens, dt if d.is_main else 0.0])
+        self.elapsed += dt
+        if not math.isfinite(loss_sum):  # raised, not saved: checkpoint/ and resume/ keep the last good weights
+            raise GptlabError(f"the loss became {loss_sum} at step {self.step}: lower --lr or use fp32")
+        return lr, loss_sum, n_tokens
+
+    def _log_step(self, lr: float, loss: float, result: TrainResult, bar) -> None:
+        now = time.perf_counter()
+        tps = self._tokens_since / max(now - self._t_since, 1e-9)
+        self._tokens_since, self._t_since = 0, now
+        rec = {"step": self.step, "loss": round(loss, 5), "lr": lr, "tokens_per_s": round(tps, 1),
+               "elapsed": round(self.elapsed, 2)}
+        if self.log_fn is not None:
+            rec.update(self.log_fn())
+        self._log(rec)
+        result.history.append(rec)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+
+    def _on_schedule(self, val_data, result: TrainResult, last: int) -> bool:
+        """Evaluate and save resume state when due; True when early stopping ends the run."""
+        cfg = self.cfg
+        if val_data is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+            if self._evaluate(val_data, result):
+                return True
+        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < last:
+            self._save("resume", with_state=True)
+        return False
 
     def _evaluate(self, val_data, result: TrainResult) -> bool:
         """Evaluate, keep the best checkpoint; True when early stopping says stop."""
         val = evaluate_loss(self.forward_model, val_data, self.cfg.eval_batch_size, self.device,
                             None if self.loss_fn is lm_loss else self.loss_fn, dist=self.dist)
+        if not math.isfinite(val):  # never kept as the best checkpoint
+            raise GptlabError(f"the validation loss became {val} at step {self.step}: lower --lr or use fp32")
         rec = {"step": self.step, "val_loss": round(val, 5)}
         self._log(rec)
         result.history.append(rec)
