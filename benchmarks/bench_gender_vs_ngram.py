@@ -28,14 +28,16 @@ from gptlab.evaluate import tasks as ev
 from gptlab.evaluate.metrics import wilson_interval
 from gptlab.models.io import atomic_write_text
 from gptlab.recipes.compare import classification_baselines
-from gptlab.recipes.finetune import _subset, finetune, load_finetuned
+from gptlab.data.tasks import subset as _subset
+from gptlab.load import load
+from gptlab.recipes.finetune import finetune
 from gptlab.train.pretrain import pretrain
 from gptlab.train.trainer import TrainConfig
 
 
 @torch.no_grad()
 def class_probs(run: Path, texts: list[str]) -> torch.Tensor:
-    model, tok, _ = load_finetuned(run)
+    model, tok, _ = load(run)
     ids, lengths = ev.pad_batch(tok, texts, "cpu")
     logits, _ = model(ids, lengths=lengths)
     return logits.float().softmax(-1)

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from gptlab.load import load
 from gptlab.train.pretrain import evaluate_run, pretrain
 from gptlab.train.trainer import TrainConfig
 
@@ -63,7 +64,7 @@ def main():
             r = pretrain("names", f"{tmp}/{len(rows)}", s["preset_name"], cfg, device="cpu", log=lambda *_: None,
                          **s["overrides"])
             wall = time.perf_counter() - t0
-            test = evaluate_run(f"{tmp}/{len(rows)}", "test")
+            test = evaluate_run(f"{tmp}/{len(rows)}", "test", load=load)
             rows.append((label, s["preset_name"], r.step, r.elapsed, wall, r.best_val, test["nll_per_char"]))
             print(f"{label}: {r.step} steps, test NLL {test['nll_per_char']:.4f}", flush=True)
     if args.only is not None:

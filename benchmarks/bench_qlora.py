@@ -34,7 +34,8 @@ from gptlab.data.tasks import build_task
 from gptlab.peft import apply_peft
 from gptlab.quant import model_bytes
 from gptlab.recipes.finetune import finetune, method_config, quantize_base
-from gptlab.train.pretrain import load_run, pretrain
+from gptlab.load import load
+from gptlab.train.pretrain import pretrain
 from gptlab.train.trainer import TrainConfig, lm_loss, make_optimizer
 
 
@@ -57,7 +58,7 @@ def step_peak_bytes(model, batch, cfg: TrainConfig) -> int:
 
 
 def memory_row(base: Path, method: str, batch, cfg: TrainConfig) -> dict:
-    model, _, _ = load_run(base)
+    model, _, _ = load(base)
     if method == "qlora":
         quantize_base(model)
     base_bytes = model_bytes(model)
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
         cfg = TrainConfig(max_steps=args.steps, eval_every=50, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=20, progress=False)
         data = build_task("gender", load_names())
-        tok = load_run(base)[1]
+        tok = load(base)[1]
         sample = sorted(data.splits["train"], key=lambda e: e.item)[: args.batch_size]
         batch = LMDataset([(e.prompt, e.completion) for e in sample], tok).batch(range(len(sample)))
         rows = {}

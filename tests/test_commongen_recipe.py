@@ -11,6 +11,7 @@ from gptlab.data.commongen import load_commongen
 from gptlab.data.lm import LMDataset
 from gptlab.data.tokenizer import wrap_tokenizer
 from gptlab.models.io import save_checkpoint
+from gptlab.load import load
 from gptlab.recipes import commongen as R
 from gptlab.train.trainer import TrainConfig
 from test_sample_pretrained import INFO, tiny_bpe, tiny_llama
@@ -76,7 +77,7 @@ def test_full_tuning_learns_the_task_end_to_end(setup, tmp_path):
     dev = load_commongen(d, "dev")
     assert r["coverage"] == pytest.approx(sum(("dog" in ex.concepts) / 3 for ex in dev) / len(dev))
     assert r["trainable_pct"] == pytest.approx(100.0) and r["train_tokens_per_s"] > 0 and r["dev_sets"] == 12
-    model, tok, meta = R.load_commongen_run(out)
+    model, tok, meta = load(out)
     assert meta["task"] == "commongen" and meta["method"] == "full" and tok.eos_token == "<|im_end|>"
 
 
@@ -87,9 +88,9 @@ def test_lora_run_resumes_and_reloads(setup, tmp_path):
                              eval_limit=4, gen_batch=4, max_new_tokens=6, log=quiet, rank=4, alpha=8)
     assert 0 < r["trainable_pct"] < 30 and (out / "checkpoint" / "adapter_model.safetensors").exists()
     assert r["size_bytes"] < 200_000  # the adapter, not the base
-    model, tok, meta = R.load_commongen_run(out)
+    model, tok, meta = load(out)
     assert meta["method_options"]["rank"] == 4 and meta["base"] == str(base.resolve())
-    assert R.is_commongen_run(out) and not R.is_commongen_run(base)
+    assert R.is_commongen_run(load(out).meta) and not R.is_commongen_run(load(base).meta)
     # the same command again continues the finished run instead of training from scratch
     logs = []
     R.finetune_commongen(base, "lora", out, data=d, train_cfg=cfg(20, save_every=10), device="cpu",

@@ -6,7 +6,8 @@ import torch
 from gptlab import GptlabError
 from gptlab.data.tasks import build_task
 from gptlab.evaluate import tasks as ev
-from gptlab.recipes.finetune import finetune, load_finetuned
+from gptlab.load import load
+from gptlab.recipes.finetune import evaluate_run_task, finetune
 from gptlab.train.pretrain import pretrain
 from gptlab.train.trainer import TrainConfig
 
@@ -40,7 +41,7 @@ def test_finetune_writes_a_small_method_file_and_results(base, tmp_path, method,
     assert r["size_bytes"] < base_bytes  # only the method's weights
     assert not (tmp_path / "ft" / "checkpoint" / "model.safetensors").exists()
     # reloading the saved method reproduces the in-run predictions
-    model, tok, meta = load_finetuned(tmp_path / "ft")
+    model, tok, meta = load(tmp_path / "ft")
     test = [e for e in build_task("gender", __import__("gptlab.data.names", fromlist=["x"]).load_names())
             .splits["test"]][:40]
     assert meta["method"] == method and meta["route"] == route
@@ -59,7 +60,7 @@ def test_full_finetune_is_a_plain_checkpoint_and_resumes(base, tmp_path):
     assert any("resuming" in str(l) and "step 6" in str(l) for l in logs)
     assert r["steps"] == 12 and "ends_pct" in r and "nll_endswith_a_test" in r
     assert (tmp_path / "ft" / "checkpoint" / "model.safetensors").exists()
-    model, _, _ = load_finetuned(tmp_path / "ft")
+    model, _, _ = load(tmp_path / "ft")
     assert isinstance(model, torch.nn.Module)
 
 
@@ -73,13 +74,13 @@ def test_bad_finetune_inputs(base, tmp_path):
     with pytest.raises(GptlabError, match="LoRA rank"):
         tune(base, tmp_path / "d", "gender", "lora", rank=0)
     with pytest.raises(GptlabError, match="not a fine-tuning run"):
-        load_finetuned(base)
+        evaluate_run_task(load(base))
 
 
 def test_qlora_trains_on_an_nf4_base_and_reloads_it_exactly(base, tmp_path):
     from gptlab.models.io import read_safetensors
     from gptlab.quant import quant_modules
-    from gptlab.recipes.finetune import _subset
+    from gptlab.data.tasks import subset as _subset
 
     run = tmp_path / "ql"
     r = tune(base, run, "gender", "qlora", steps=20)
@@ -88,7 +89,7 @@ def test_qlora_trains_on_an_nf4_base_and_reloads_it_exactly(base, tmp_path):
     assert 0 <= r["metric"] <= 100 and r["trainable"] < r["total"]
     assert r["size_bytes"] < (base / "checkpoint" / "model.safetensors").stat().st_size / 2  # adapter only
     assert not (run / "checkpoint" / "model.safetensors").exists()
-    model, tok, meta = load_finetuned(run)
+    model, tok, meta = load(run)
     assert meta["method"] == "qlora" and meta["quantization"]["format"] == "nf4"
     qm = quant_modules(model)
     assert qm and all(q.format == "nf4" for q in qm.values()) and "lm_head" not in qm
@@ -111,7 +112,7 @@ def test_qlora_trains_on_an_nf4_base_and_reloads_it_exactly(base, tmp_path):
     m["quantization"]["float_base_fingerprint"] = "0" * 16
     bad.write_text(json.dumps(m))
     with pytest.raises(GptlabError, match="another base model"):
-        load_finetuned(run)
+        load(run)
 
 
 def test_train_embeddings_lets_a_frozen_model_emit_new_labels(base, tmp_path):
@@ -119,8 +120,7 @@ def test_train_embeddings_lets_a_frozen_model_emit_new_labels(base, tmp_path):
     layer produce them; with --train-embeddings the token rows (tied input/output) train too, are
     saved with the method and come back on reload, while every other base weight stays frozen."""
     from gptlab.peft.api import base_parameters
-    from gptlab.recipes.finetune import TOKEN_LAYERS, method_config
-    from gptlab.train.pretrain import load_run
+    from gptlab.methods import TOKEN_LAYERS, method_config
 
     cfgs = method_config("prompt", virtual_tokens=4, train_embeddings=True)
     assert [c.method for c in cfgs] == ["prompt", "selective"] and cfgs[1].unfreeze == [TOKEN_LAYERS]
@@ -135,8 +135,8 @@ def test_train_embeddings_lets_a_frozen_model_emit_new_labels(base, tmp_path):
                      batch_size=32, lr=3e-2, warmup_steps=2, progress=False), device="cpu", limit=600,
                      eval_limit=100, samples=20, log=quiet, virtual_tokens=4)
     assert plain["metric"] < 5 < r["metric"]  # without the rows the labels are (almost) never produced
-    model, tok, meta = load_finetuned(out)
-    before, _, _ = load_run(base)
+    model, tok, meta = load(out)
+    before, _, _ = load(base)
     tuned, orig = base_parameters(model), base_parameters(before)
     changed = sorted(n for n in orig if not torch.equal(orig[n], tuned[n]))
     assert changed == ["transformer.wte.weight"] and meta["method_options"]["train_embeddings"]
@@ -165,6 +165,6 @@ def test_same_seed_same_head_whatever_ran_before(base, tmp_path):
     torch.rand(1000)
     b = tune(base, tmp_path / "b", "gender", "head", route="head", steps=3)
     assert a["best_val_loss"] == b["best_val_loss"] and a["metric"] == b["metric"]
-    ha, _, _ = load_finetuned(tmp_path / "a")
-    hb, _, _ = load_finetuned(tmp_path / "b")
+    ha, _, _ = load(tmp_path / "a")
+    hb, _, _ = load(tmp_path / "b")
     assert torch.equal(ha.score.weight, hb.score.weight)

@@ -11,7 +11,7 @@ from gptlab.data.tokenizer import CharTokenizer
 from gptlab.models.config import preset
 from gptlab.models.gpt import GPT
 from gptlab.quant import (FORMATS, NF4_CODE, QuantLinear, compare_formats, dequantize_model, format_comparison,
-                          format_info, format_precision, load_any, load_quantized, model_bytes, nf4_code_from_normal,
+                          format_info, format_precision, load_quantized, model_bytes, nf4_code_from_normal,
                           quant_modules, quantize, quantize_model, roundtrip_errors, save_quantized)
 from gptlab.quant.formats import DQ_BLOCK, bits_per_weight, empty_tensors, pack4, unpack4
 
@@ -312,7 +312,7 @@ def test_quantized_checkpoint_roundtrip_and_sampling(tmp_path):
             out.append(nxt.item())
             logits, _ = loaded(nxt, cache=cache, last_only=True)
     assert len(tok.decode(out)) <= 5
-    assert load_any(path)[0].quantization["format"] == "nf4-dq"
+    assert load_quantized(path)[0].quantization["format"] == "nf4-dq"
 
 
 def test_tied_quantized_checkpoint_is_small_and_exact(tmp_path):

@@ -51,6 +51,13 @@ def _h(name: str, salt: str) -> int:
     return int.from_bytes(hashlib.sha1(f"{salt}:{name}".encode()).digest()[:4], "big")
 
 
+def subset(items: list, limit: int | None, salt: str) -> list:
+    """A deterministic hash-ordered subset of `limit` examples (the split lists are alphabetical)."""
+    if limit is None or limit >= len(items):
+        return items
+    return sorted(items, key=lambda e: _h(getattr(e, "item", str(e)) + getattr(e, "prompt", ""), salt))[:limit]
+
+
 def affix_length(name: str, lengths=(1, 2)) -> int:
     return lengths[_h(name, "len") % len(lengths)]
 

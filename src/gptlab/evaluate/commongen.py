@@ -83,18 +83,24 @@ def format_scores(r: dict) -> str:
 
 
 def default_data_dir() -> Path:
-    """$GPTLAB_COMMONGEN, else the project's shared copy (../shared/data/commongen from the cwd)."""
+    """$GPTLAB_COMMONGEN, else the project's shared copy, ../shared/data/commongen: beside the working
+    directory or beside this source tree (so it is found from any directory of a checkout). When neither
+    exists, the first, which `load_commongen` reports as missing with the ways to give one."""
     env = os.environ.get("GPTLAB_COMMONGEN")
-    return Path(env) if env else Path("..") / "shared" / "data" / "commongen"
+    if env:
+        return Path(env)
+    shared = Path("shared") / "data" / "commongen"
+    candidates = [Path("..") / shared] + [root.parent / shared for root in Path(__file__).resolve().parents[2:4]]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def zero_shot_commongen(model_name: str = "smollm2-135m-instruct", data=None, *, split: str = "dev",
                         limit: int | None = 50, batch_size: int = 16, max_new_tokens: int = 32,
-                        chat: bool | None = None, device: str = "cpu", load=None) -> dict:
-    """A pretrained model (anything `load_pretrained` takes) on the first `limit` concept sets of a
-    split, zero-shot: instruct models (those with a chat template) are asked through it."""
+                        chat: bool | None = None, device: str = "cpu", load) -> dict:
+    """A model on the first `limit` concept sets of a split, zero-shot: instruct models (those with a
+    chat template) are asked through it. `load(source, device=...) -> (model, tokenizer, meta)` opens
+    the model: `gptlab.load.load` (any source, a tuned run included), which lives above this layer."""
     from gptlab.data.tokenizer import wrap_tokenizer
-    from gptlab.models.pretrained import load_pretrained
 
     examples = load_commongen(data or default_data_dir(), split)
     if limit is not None:
@@ -103,9 +109,9 @@ def zero_shot_commongen(model_name: str = "smollm2-135m-instruct", data=None, *,
         examples = examples[:limit]
     if not all(ex.references for ex in examples):
         raise GptlabError(f"the {split!r} split has no references to score against; use dev")
-    model, tok, info = (load or load_pretrained)(model_name)  # `load`: another loader (quantized dirs)
-    model = model.to(device)
-    tok = wrap_tokenizer(tok, info)
+    model, tok, info = load(model_name, device=device)
+    model = model.to(device).eval()
+    tok = wrap_tokenizer(tok, info)  # a no-op for a tokenizer the loader already wrapped
     chat = bool(tok.chat_template) if chat is None else chat
     result = evaluate_commongen(model, tok, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 chat=chat)

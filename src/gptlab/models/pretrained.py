@@ -1,4 +1,4 @@
-"""One entry point for every pretrained source: a preset name, a GGUF file, an HF or gptlab directory.
+"""The formats other tools write: a preset name (a file a pip package ships), a GGUF file, an HF directory.
 
 Also `apply_chat_template`, because instruction-tuned models (SmolLM2-Instruct) expect their
 prompts wrapped in the chat template their tokenizer ships with.
@@ -32,9 +32,10 @@ def pretrained_path(name: str) -> Path:
 
 
 def load_pretrained(name_or_path: str | Path, block_size: int | None = None):
-    """(model, tokenizer, info) from a preset name, a .gguf file, an HF model directory or a
-    gptlab checkpoint/run directory. `info` carries the chat template and special tokens."""
-    from gptlab.models import gguf, hf, io
+    """(model, tokenizer, info) from a preset name, a .gguf file or an HF model directory: the
+    formats other tools write (gptlab.load opens these and every gptlab run). `info` carries the
+    chat template and special tokens."""
+    from gptlab.models import gguf, hf
 
     key = str(name_or_path)
     if key in PRETRAINED:
@@ -47,26 +48,11 @@ def load_pretrained(name_or_path: str | Path, block_size: int | None = None):
         if path.suffix != ".gguf":
             raise GptlabError(f"{path} is a file but not a .gguf model; give a .gguf file or a model directory")
         return gguf.load_gguf(path, block_size)
-    if hf.is_hf_dir(path):
-        model, tok = hf.load_hf_dir(path, block_size)
-        return model, tok, dict(model.config.extra)
-    ckpt = io.resolve_checkpoint(path)
-    model, tok, meta = io.load_checkpoint(ckpt)
-    return model, tok, {**model.config.extra, **meta}
-
-
-def load_base(base: str | Path, device="cpu"):
-    """(model on `device`, wrapped tokenizer, info) of anything `load_pretrained` takes: the base of a
-    fine-tuning or DPO run; `info` holds a run's meta (data_spec) or the chat template and special tokens."""
-    from gptlab.data.tokenizer import wrap_tokenizer
-
-    model, tok, info = load_pretrained(base)
-    return model.to(device), wrap_tokenizer(tok, info), info
-
-
-def base_key(base: str | Path) -> str:
-    """How a run records its base: a preset by name, anything else by absolute path."""
-    return str(base) if str(base) in PRETRAINED else str(Path(base).resolve())
+    if not hf.is_hf_dir(path):
+        raise GptlabError(f"{path} is not an HF model directory (config.json with a model_type); "
+                          "open gptlab runs with gptlab.load.load")
+    model, tok = hf.load_hf_dir(path, block_size)
+    return model, tok, dict(model.config.extra)
 
 
 def apply_chat_template(messages: list[dict], template: str | None, add_generation_prompt: bool = True,

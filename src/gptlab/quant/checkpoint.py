@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from gptlab import GptlabError, __version__
 from gptlab.models.config import GPTConfig
 from gptlab.models.gpt import GPT
-from gptlab.models.io import (CONFIG, META, TOKENIZER, WEIGHTS, atomic_dir, load_checkpoint,
+from gptlab.models.io import (CONFIG, META, TOKENIZER, WEIGHTS, atomic_dir,
                               read_safetensors, state_dict_for_save, write_tokenizer_and_meta)
 from gptlab.quant.formats import FORMATS
 from gptlab.quant.linear import rebuild_quantized
@@ -59,6 +59,7 @@ def _read_qconfig(path: Path) -> dict:
 def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer or None, meta dict) from a quantized checkpoint directory."""
     from gptlab.data.tokenizer import load_tokenizer
+    from gptlab.models.io import read_meta
 
     path = Path(path)
     if not path.is_dir():
@@ -88,12 +89,5 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu"):
     model.load_state_dict(sd, strict=False)
     model.to(device).eval()
     tok = load_tokenizer(path / TOKENIZER) if (path / TOKENIZER).exists() else None
-    meta = json.loads((path / META).read_text()) if (path / META).exists() else {}
+    meta = read_meta(path)
     return model, tok, meta
-
-
-def load_any(path: str | Path, device: str | torch.device = "cpu"):
-    """A float or a quantized checkpoint, whichever `path` holds."""
-    if is_quantized_checkpoint(path):
-        return load_quantized(path, device)
-    return load_checkpoint(path, device)

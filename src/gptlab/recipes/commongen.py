@@ -25,16 +25,13 @@ from gptlab import GptlabError
 from gptlab.data.commongen import format_example, load_commongen
 from gptlab.data.lm import LMDataset
 from gptlab.evaluate.commongen import default_data_dir, evaluate_commongen
+from gptlab.load import Loaded, load
+from gptlab.methods import LM_METHODS, METHODS, default_lr
 from gptlab.models.io import atomic_write_text
-from gptlab.models.pretrained import base_key, load_base
-from gptlab.recipes.finetune import _save_method, apply_method, dir_bytes, load_method_run, method_run, quantize_base
-from gptlab.train.trainer import Trainer, TrainConfig, resolve_device
+from gptlab.outdir import claim_out
+from gptlab.recipes.tuning import Plan, tune
+from gptlab.train.trainer import TrainConfig, TrainResult, resolve_device
 
-# the methods that make sense for generation with a pretrained LM (no classification head here)
-COMMONGEN_METHODS = ("full", "bitfit", "lastk", "adapter", "lora", "qlora", "prompt", "prefix")
-# per-method learning rates for a 100M-class model (full tuning of all weights wants a small step)
-COMMONGEN_LR = {"full": 5e-5, "bitfit": 1e-3, "lastk": 1e-4, "adapter": 1e-3, "lora": 1e-3, "qlora": 1e-3,
-                "prompt": 3e-2, "prefix": 3e-3}
 # Published CommonGen results for orientation. They are on the hidden *test* set with the task's
 # official scripts (BLEU-4 with their own tokenisation), so they are not directly comparable with
 # our dev-set sacrebleu numbers. Source: the archived v1.1 leaderboard, inklab.usc.edu/CommonGen.
@@ -73,19 +70,9 @@ def pairs_for(examples, tok, limit: int | None = None, salt: str = "train") -> l
     return pairs if limit is None else pairs[:limit]
 
 
-def is_commongen_run(path) -> bool:
-    try:
-        return method_run(path, "finetune", "fine-tuning")[1].get("task") == "commongen"
-    except (GptlabError, OSError, ValueError):
-        return False
-
-
-def load_commongen_run(run: str | Path, device="cpu"):
-    """(tuned model, tokenizer, meta) of a `gptlab finetune --task commongen` run directory."""
-    task = method_run(run, "finetune", "fine-tuning")[1].get("task")
-    if task != "commongen":
-        raise GptlabError(f"{run} is a {task} run, not a CommonGen one")
-    return load_method_run(run, "finetune", "fine-tuning", device)
+def is_commongen_run(meta: dict) -> bool:
+    """A run tuned on CommonGen answers the raw prompt it was trained on, not the chat template."""
+    return meta.get("kind") == "finetune" and meta.get("task") == "commongen"
 
 
 def dev_sets_of(data: str | Path | None, eval_limit: int | None):
@@ -94,60 +81,57 @@ def dev_sets_of(data: str | Path | None, eval_limit: int | None):
     return sets if eval_limit is None else sets[:eval_limit]
 
 
+class CommonGen:
+    """CommonGen as the tuning skeleton sees it: concept sets -> one sentence, scored on dev."""
+
+    kind = "finetune"
+    world_methods = LM_METHODS
+
+    def __init__(self, data, *, limit, eval_limit, val_limit: int, gen_batch: int, max_new_tokens: int,
+                 context_cost: int, out: Path, log):
+        self.root = Path(data) if data else default_data_dir()
+        self.limit, self.val_limit, self.gen_batch, self.max_new_tokens = limit, val_limit, gen_batch, max_new_tokens
+        self.context_cost, self.out, self.log = context_cost, out, log
+        self.train_sets, self.val_sets = split_train(load_commongen(self.root, "train"))
+        self.dev_sets = dev_sets_of(self.root, eval_limit)
+
+    def prepare(self, model, tok, info: dict) -> Plan:
+        train_pairs = pairs_for(self.train_sets, tok, self.limit)
+        val_pairs = pairs_for(self.val_sets, tok, self.val_limit, salt="val")
+        block = model.config.block_size - self.context_cost
+        self.train_ds = LMDataset(train_pairs, tok, block)
+        return Plan(model, self.train_ds, LMDataset(val_pairs, tok, block), meta={"task": "commongen", "labels": []},
+                    describe=f"commongen ({len(self.dev_sets)} dev concept sets)")
+
+    def evaluate(self, tuned: Loaded, result: TrainResult) -> dict:
+        scores = evaluate_commongen(tuned.model, tuned.tokenizer, self.dev_sets, batch_size=self.gen_batch,
+                                    max_new_tokens=self.max_new_tokens)
+        cfg = tuned.meta["train_config"]
+        seen = result.step * cfg["batch_size"] * cfg["grad_accum"]
+        avg_len = float(self.train_ds.lengths.float().mean())  # tokens per row (the padded batches are trimmed)
+        write_samples(self.out / "samples.txt", self.dev_sets, scores["predictions"])
+        return {"task": "commongen", "base": tuned.meta["base"], "train_pairs": len(self.train_ds),
+                "pairs_seen": seen, "train_tokens_per_s": round(seen * avg_len / max(result.elapsed, 1e-9), 1),
+                "dev_sets": len(self.dev_sets), "generation_s": round(scores["seconds"], 2),
+                **{k: scores[k] for k in ("bleu4", "rouge1", "rouge2", "rougeL", "coverage")}}
+
+
 def finetune_commongen(base: str | Path, method: str, out: str | Path, *, data: str | Path | None = None,
                        train_cfg: TrainConfig | None = None, device: str = "auto", limit: int | None = None,
                        eval_limit: int | None = 200, val_limit: int = 256, gen_batch: int = 32,
                        max_new_tokens: int = 32, route: str = "generate", log=print, **method_opts) -> dict:
     """Tune `base` (a preset name, .gguf, HF or gptlab directory) on CommonGen train with `method`;
     score greedy generations on the first `eval_limit` dev concept sets."""
-    if method not in COMMONGEN_METHODS:
-        raise GptlabError(f"method {method!r} does not apply to CommonGen; choose one of: {', '.join(COMMONGEN_METHODS)}")
+    if method not in LM_METHODS:
+        raise GptlabError(f"method {method!r} does not apply to CommonGen; choose one of: {', '.join(LM_METHODS)}")
     if route != "generate":
         raise GptlabError("CommonGen is a generation task: --route head does not apply")
-    out = Path(out)
-    dev_ = resolve_device(device)
-    root = Path(data) if data else default_data_dir()
-    train_sets, val_sets = split_train(load_commongen(root, "train"))
-    dev_sets = dev_sets_of(root, eval_limit)
-    model, tok, _info = load_base(base, dev_)
-    quantization = quantize_base(model) if method == "qlora" else None
-    train_pairs = pairs_for(train_sets, tok, limit)
-    val_pairs = pairs_for(val_sets, tok, val_limit, salt="val")
-    block = model.config.block_size - (method_opts.get("virtual_tokens", 8) if method == "prompt" else 0)
-    train_ds, val_ds = LMDataset(train_pairs, tok, block), LMDataset(val_pairs, tok, block)
-
-    train_cfg = train_cfg or TrainConfig(max_steps=300, batch_size=16, lr=COMMONGEN_LR[method], warmup_steps=20,
-                                         eval_every=100, eval_batch_size=64, weight_decay=0.0)
-    report = apply_method(model, method, tok, train_cfg.seed, **method_opts)
-    log(f"commongen / {method}: {report['trainable']:,} trainable of {report['total']:,} parameters "
-        f"({report['percent']:.2f}%); {len(train_pairs):,} training pairs, {len(val_pairs)} validation pairs, "
-        f"{len(dev_sets)} dev concept sets")
-    meta = {"kind": "finetune", "task": "commongen", "base": base_key(base), "method": method, "route": "generate",
-            "method_options": method_opts, "labels": []}
-    if quantization:
-        meta["quantization"] = quantization
-    trainer = Trainer(model, train_cfg, out, tokenizer=tok, meta=meta, device=dev_, save_fn=_save_method)
-    if trainer.try_resume():
-        log(f"resuming {out} from step {trainer.step}")
-    result = trainer.fit(train_ds, val_ds)
-    if result.interrupted:
-        log(f"interrupted at step {result.step}: rerun the same command to resume")
-        return {"interrupted": True, "step": result.step}
-
-    tuned, tok, _ = load_commongen_run(out, dev_)  # the best-by-validation weights
-    scores = evaluate_commongen(tuned, tok, dev_sets, batch_size=gen_batch, max_new_tokens=max_new_tokens)
-    seen = result.step * train_cfg.batch_size * train_cfg.grad_accum
-    avg_len = float(train_ds.lengths.float().mean())  # tokens per row (the padded batches are trimmed)
-    results = {"task": "commongen", "method": method, "base": meta["base"], "trainable": report["trainable"],
-               "total": report["total"], "trainable_pct": report["percent"], "steps": result.step,
-               "train_pairs": len(train_pairs), "pairs_seen": seen, "train_time_s": round(result.elapsed, 2),
-               "train_tokens_per_s": round(seen * avg_len / max(result.elapsed, 1e-9), 1),
-               "best_val_loss": result.best_val, "size_bytes": dir_bytes(out / "checkpoint"),
-               "dev_sets": len(dev_sets), "generation_s": round(scores["seconds"], 2),
-               **{k: scores[k] for k in ("bleu4", "rouge1", "rouge2", "rougeL", "coverage")}}
-    write_samples(out / "samples.txt", dev_sets, scores["predictions"])
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    return results
+    recipe = CommonGen(data, limit=limit, eval_limit=eval_limit, val_limit=val_limit, gen_batch=gen_batch,
+                       max_new_tokens=max_new_tokens, context_cost=METHODS[method].context_cost(method_opts),
+                       out=Path(out), log=log)
+    train_cfg = train_cfg or TrainConfig(max_steps=300, batch_size=16, lr=default_lr(method, "pretrained"),
+                                         warmup_steps=20, eval_every=100, eval_batch_size=64, weight_decay=0.0)
+    return tune(recipe, base, method, out, train_cfg=train_cfg, device=device, log=log, **method_opts)
 
 
 def write_samples(path: Path, examples, predictions, n: int = 100) -> None:
@@ -168,7 +152,7 @@ LINEUP = [
 
 def zero_shot_rows(base, dev_sets, device, gen_batch: int, max_new_tokens: int, out: Path) -> list[dict]:
     """The base model before tuning: with its chat template (instruct models) and on the raw prompt."""
-    model, tok, _ = load_base(base, device)
+    model, tok, _ = load(base, device=device)
     rows = []
     for label, chat in (("zero-shot, chat instruction", True), ("zero-shot, raw prompt", False)):
         if chat and not tok.chat_template:
@@ -194,10 +178,10 @@ def compare_commongen(base: str | Path, out: str | Path, *, methods: list[str] |
                       max_new_tokens: int = 32, method_lr: bool = True, log=print) -> dict:
     """Zero-shot vs each method on the same dev concept sets: report.md, a chart and results.json.
     Each method is an ordinary finetune run under OUT/runs/<method>, so an interrupted comparison resumes.
-    `method_lr`: each method at its COMMONGEN_LR instead of train_cfg.lr."""
+    `method_lr`: each method at its registry learning rate (methods.py) instead of train_cfg.lr."""
     from gptlab.report.plots import grouped_bar_chart
 
-    out = Path(out)
+    out = claim_out(out, "compare")
     out.mkdir(parents=True, exist_ok=True)
     lineup = LINEUP if not methods else [r for r in LINEUP if r[1] in methods]
     unknown = sorted(set(methods or ()) - {r[1] for r in LINEUP})
@@ -213,7 +197,7 @@ def compare_commongen(base: str | Path, out: str | Path, *, methods: list[str] |
         if (run / "results.json").exists():
             r = json.loads((run / "results.json").read_text())
         else:
-            cfg = train_cfg and (dataclasses.replace(train_cfg, lr=COMMONGEN_LR[method]) if method_lr else train_cfg)
+            cfg = train_cfg and (dataclasses.replace(train_cfg, lr=default_lr(method, "pretrained")) if method_lr else train_cfg)
             r = finetune_commongen(base, method, run, data=data, train_cfg=cfg, device=device, limit=limit,
                                    eval_limit=eval_limit, gen_batch=gen_batch, max_new_tokens=max_new_tokens,
                                    log=log, **opts)
@@ -236,23 +220,25 @@ def _size(n: int) -> str:
 
 
 def render_report(summary: dict) -> str:
+    from gptlab.tables import markdown_table  # (local: the rest of this module is being rewritten)
+
+    rows = []
+    for r in summary["rows"]:
+        tps = f"{r['train_tokens_per_s']:,.0f}" if r.get("train_tokens_per_s") else "-"
+        size = _size(r["size_bytes"]) if r.get("size_bytes") else "-"
+        rows.append([r["label"], f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}", f"{r['train_time_s']:.0f}", tps,
+                     size] + [f"{100 * r[k]:.1f}" for k in ("rouge1", "rouge2", "rougeL", "bleu4", "coverage")])
+    header = ["method", "trainable params", "%", "train time (s)", "train tok/s", "file size", "ROUGE-1", "ROUGE-2",
+              "ROUGE-L", "BLEU-4", "coverage"]
     lines = [f"# CommonGen: {summary['base']}, zero-shot vs fine-tuning methods", "",
              f"Greedy generation on the first {summary['dev_sets']} dev concept sets, scored against all references "
              "of each set (BLEU-4: sacrebleu; ROUGE: rouge-score F1; coverage: share of the concepts used, "
              "inflections allowed). Scores x100.", "",
-             "| method | trainable params | % | train time (s) | train tok/s | file size | ROUGE-1 | ROUGE-2 | ROUGE-L "
-             "| BLEU-4 | coverage |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in summary["rows"]:
-        tps = f"{r['train_tokens_per_s']:,.0f}" if r.get("train_tokens_per_s") else "-"
-        size = _size(r["size_bytes"]) if r.get("size_bytes") else "-"
-        lines.append(f"| {r['label']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['train_time_s']:.0f} | {tps} | {size} | "
-                     f"{100 * r['rouge1']:.1f} | {100 * r['rouge2']:.1f} | {100 * r['rougeL']:.1f} | "
-                     f"{100 * r['bleu4']:.1f} | {100 * r['coverage']:.1f} |")
-    lines += ["", "![CommonGen scores](commongen.png)", "",
-              "## Published results, for orientation only",
-              "", "On the hidden test set with the official evaluation scripts (their BLEU tokenisation differs "
-              "from sacrebleu's), by models trained on the full training set; not comparable number for number.", "",
-              "| system | BLEU-4 |", "|---|---:|"]
-    lines += [f"| {p['label']} | {p['bleu4']:.1f} |" for p in summary["published"]]
+             markdown_table(header, rows, "l" + "r" * (len(header) - 1)),
+             "", "![CommonGen scores](commongen.png)", "",
+             "## Published results, for orientation only",
+             "", "On the hidden test set with the official evaluation scripts (their BLEU tokenisation differs "
+             "from sacrebleu's), by models trained on the full training set; not comparable number for number.", "",
+             markdown_table(["system", "BLEU-4"], [[p["label"], f"{p['bleu4']:.1f}"] for p in summary["published"]],
+                            "lr")]
     return "\n".join(lines) + "\n"

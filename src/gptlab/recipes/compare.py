@@ -12,12 +12,15 @@ from pathlib import Path
 
 from gptlab import GptlabError
 from gptlab.data.names import load_names
-from gptlab.data.tasks import CLASSIFICATION, build_task
+from gptlab.data.tasks import CLASSIFICATION, build_task, subset
 from gptlab.evaluate import tasks as ev
 from gptlab.evaluate.metrics import wilson_interval
 from gptlab.models.io import atomic_write_text
-from gptlab.recipes.finetune import METHOD_LR, METHODS, finetune
+from gptlab.outdir import claim_out
+from gptlab.methods import METHODS, default_lr
+from gptlab.recipes.finetune import finetune
 from gptlab.report.plots import bar_chart, sweep_chart
+from gptlab.tables import markdown_table
 from gptlab.train.trainer import TrainConfig
 
 # (label, method, route, options): the default line-up for a classification task. The PEFT methods
@@ -60,7 +63,7 @@ def _run(base, task, method, route, opts, out: Path, train_cfg, device, limit, e
         return json.loads(done.read_text())
     if method_lr:
         train_cfg = dataclasses.replace(train_cfg or TrainConfig(max_steps=500, eval_every=100, warmup_steps=20),
-                                        lr=METHOD_LR[method])
+                                        lr=default_lr(method, "names"))
     r = finetune(base, task, method, out, route=route, train_cfg=train_cfg, device=device, limit=limit,
                  eval_limit=eval_limit, log=log, **opts)
     if r.get("interrupted"):
@@ -71,8 +74,8 @@ def _run(base, task, method, route, opts, out: Path, train_cfg, device, limit, e
 def compare(base: str | Path, task: str, out: str | Path, *, methods: list[str] | None = None,
             train_cfg: TrainConfig | None = None, device: str = "auto", limit: int | None = None,
             eval_limit: int | None = 2000, sweeps: bool = True, method_lr: bool = True, log=print) -> dict:
-    """`method_lr`: each method at its METHOD_LR learning rate instead of train_cfg.lr."""
-    out = Path(out)
+    """`method_lr`: each method at its registry learning rate (methods.py) instead of train_cfg.lr."""
+    out = claim_out(out, "compare")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for label, method, route, opts in lineup_for(task, methods):
@@ -108,10 +111,8 @@ def _tag(opts: dict) -> str:
 
 def classification_baselines(task: str, eval_limit: int | None) -> dict:
     """Majority class and a character n-gram logistic regression, trained on the same train split."""
-    from gptlab.recipes.finetune import _subset
-
     data = build_task(task, load_names())
-    train, test = data.splits["train"], _subset(data.splits["test"], eval_limit, "test")
+    train, test = data.splits["train"], subset(data.splits["test"], eval_limit, "test")
     gold = [e.label for e in test]
     return {
         "majority": ev.majority_baseline([e.label for e in train], gold, data.labels),
@@ -126,21 +127,20 @@ def metric_name(task: str) -> str:
 
 
 def comparison_table(result: dict) -> str:
-    name = metric_name(result["task"])
-    lines = [f"| method | route | trainable params | % of total | {name} | macro-F1 | train s | "
-             "latency b=1 ms | latency b=256 ms | size on disk | forgetting (Δ NLL) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["method", "route", "trainable params", "% of total", metric_name(result["task"]), "macro-F1", "train s",
+              "latency b=1 ms", "latency b=256 ms", "size on disk", "forgetting (Δ NLL)"]
+    rows = []
     for r in result["rows"]:
         f1 = f"{100 * r['macro_f1']:.1f}" if "macro_f1" in r else ""
         fg = r.get("forgetting", {}).get("delta")
-        lines.append(f"| {r['label']} | {r['route']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
-                     f"{r['metric']:.1f} | {f1} | {r['train_time_s']:.0f} | {r['latency_ms']['batch_1']:.1f} | "
-                     f"{r['latency_ms']['batch_256']:.1f} | {r['size_bytes'] / 1024:.0f} KiB | "
-                     f"{'' if fg is None else f'{fg:+.3f}'} |")
+        rows.append([r["label"], r["route"], f"{r['trainable']:,}", f"{r['trainable_pct']:.2f}", f"{r['metric']:.1f}",
+                     f1, f"{r['train_time_s']:.0f}", f"{r['latency_ms']['batch_1']:.1f}",
+                     f"{r['latency_ms']['batch_256']:.1f}", f"{r['size_bytes'] / 1024:.0f} KiB",
+                     "" if fg is None else f"{fg:+.3f}"])
     for label, b in result.get("baselines", {}).items():
-        lines.append(f"| baseline: {label} | - | - | - | {100 * b['accuracy']:.1f} | {100 * b['macro_f1']:.1f} "
-                     "| | | | | |")
-    return "\n".join(lines)
+        rows.append([f"baseline: {label}", "-", "-", "-", f"{100 * b['accuracy']:.1f}", f"{100 * b['macro_f1']:.1f}",
+                     "", "", "", "", ""])
+    return markdown_table(header, rows)
 
 
 def noise_note(result: dict) -> str:

@@ -3,8 +3,8 @@
     quantize_source("runs/names", "nf4", "runs/names-nf4")   # a checkpoint `gptlab sample/eval` load
     compare_source("runs/names", "runs/names/quantization")  # table + quant_compare.png + report.md
 
-A source is a run or checkpoint directory (float or quantized), or anything `load_pretrained`
-takes (a preset name such as smollm2-135m-instruct, a .gguf file, an HF model directory). The test
+A source is anything `gptlab.load` opens (a run of any kind, with LoRA merged; a preset such as
+smollm2-135m-instruct, a .gguf file, an HF model directory). The test
 NLL of the comparison is measured on the run's own test split (names: nats per character) or, for
 a model without a data spec, on CommonGen dev sentences as plain text (nats per token).
 """
@@ -19,54 +19,16 @@ import torch
 from gptlab import GptlabError
 
 
-def _is_pretrained_name(source) -> bool:
-    from gptlab.models.hf import is_hf_dir
-    from gptlab.models.pretrained import PRETRAINED
-
-    s = str(source)
-    return s in PRETRAINED or s.endswith(".gguf") or is_hf_dir(s)
-
-
-def load_run_any(path: str | Path, device: str | torch.device = "cpu"):
-    """`train.pretrain.load_run` that also opens quantized checkpoints: (model, tokenizer, meta)."""
-    from gptlab.models.io import resolve_checkpoint
-    from gptlab.quant import load_any
-
-    model, tok, meta = load_any(resolve_checkpoint(path), device)
-    if tok is None:
-        raise GptlabError(f"{path} has no tokenizer.json: it cannot encode text")
-    return model, tok, meta
-
-
-def load_pretrained_any(name_or_path, block_size: int | None = None):
-    """`models.pretrained.load_pretrained` that also opens quantized checkpoints: (model, tok, info)."""
-    from gptlab.models.io import resolve_checkpoint
-    from gptlab.models.pretrained import load_pretrained
-    from gptlab.quant import is_quantized_checkpoint, load_quantized
-
-    path = Path(str(name_or_path))
-    if not _is_pretrained_name(name_or_path) and path.is_dir():
-        ckpt = resolve_checkpoint(path)
-        if is_quantized_checkpoint(ckpt):
-            model, tok, meta = load_quantized(ckpt)
-            return model, tok, {**model.config.extra, **meta}
-    return load_pretrained(name_or_path, block_size)
-
-
 def load_source(source, device: str | torch.device = "cpu"):
-    """(model, wrapped tokenizer, meta) of a run/checkpoint directory or a pretrained model; `meta`
-    is the checkpoint's meta.json ({} for a pretrained model)."""
-    from gptlab.data.tokenizer import wrap_tokenizer
+    """(model, wrapped tokenizer, meta) of anything the loader opens, as a plain float GPT."""
+    from gptlab.load import load, plain_model
 
-    if source is None or not str(source).strip():
-        raise GptlabError("give a run directory or a pretrained model (e.g. smollm2-135m-instruct)")
-    if _is_pretrained_name(source):
-        from gptlab.models.pretrained import load_pretrained
-
-        model, tok, info = load_pretrained(source)
-        return model.to(device).eval(), wrap_tokenizer(tok, info), {}
-    model, tok, meta = load_run_any(source, device)
-    return model, wrap_tokenizer(tok, {**model.config.extra, **meta}), meta
+    loaded = load(source, device=device)
+    if getattr(loaded.model, "quantization", None) or loaded.meta.get("quantization"):
+        info = getattr(loaded.model, "quantization", None) or loaded.meta["quantization"]
+        raise GptlabError(f"{source} is already quantized ({info['format']}): start from the float run or "
+                          "model it was made from")
+    return plain_model(loaded), loaded.tokenizer, loaded.meta
 
 
 def _skip_list(skip) -> list[str]:
@@ -79,15 +41,8 @@ def _skip_list(skip) -> list[str]:
     return list(skip)
 
 
-def _check_float(model, source) -> None:
-    info = getattr(model, "quantization", None)
-    if info:
-        raise GptlabError(f"{source} is already quantized ({info['format']}): start from the float run or "
-                          "model it was made from")
-
-
 def quantize_source(source, fmt: str, out: str | Path, *, block_size: int | None = None, skip=None,
-                    embeddings: bool = False) -> dict:
+                    embeddings: bool = False, force: bool = False) -> dict:
     """Write `source` quantized to `fmt` (or cast to fp16/bf16) as a checkpoint directory at `out`.
 
     The run's meta.json (data spec) is kept, so `gptlab eval OUT` measures the same test split."""
@@ -104,11 +59,13 @@ def quantize_source(source, fmt: str, out: str | Path, *, block_size: int | None
 
     if fmt not in ALL_FORMATS:
         raise GptlabError(f"unknown format {fmt!r} for --to; choose one of: {', '.join(ALL_FORMATS)}")
-    out = Path(out)
+    from gptlab.outdir import claim_out
+
+    out = claim_out(out, "quantize", replaces=True, force=force)
     model, tok, meta = load_source(source)
-    _check_float(model, source)
     before = disk_bytes(model)
-    meta = {**meta, "quantized_from": str(source)}
+    own = {k: v for k, v in meta.items() if k not in model.config.extra}  # the run's meta.json, not the model's info
+    meta = {**own, "kind": "quantized", "quantized_from": str(source)}
     if fmt in PRECISIONS:
         cast_model(model, fmt)
         meta["precision"] = fmt
@@ -179,13 +136,14 @@ def compare_source(source, out: str | Path | None = None, *, formats=None, block
     from gptlab.report.quant import format_chart
 
     if out is None:
-        if _is_pretrained_name(source):
-            raise GptlabError(f"give --out DIR for the comparison report of {source}")
-        from gptlab.models.io import resolve_checkpoint
+        from gptlab.load import source_kind
 
-        resolve_checkpoint(source)  # a one-line error for a missing or empty directory
+        if source_kind(source) in ("preset", "gguf", "hf"):
+            raise GptlabError(f"give --out DIR for the comparison report of {source}")
         out = Path(str(source)) / "quantization"
-    out = Path(out)
+    from gptlab.outdir import claim_out
+
+    out = claim_out(out, "quantize --compare")
     formats = tuple(formats) if formats else ALL_FORMATS
     unknown = [f for f in formats if f not in ALL_FORMATS]
     if unknown:
@@ -193,7 +151,6 @@ def compare_source(source, out: str | Path | None = None, *, formats=None, block
     block_size = block_size or DEFAULT_BLOCK
     skip = _skip_list(skip)
     model, tok, meta = load_source(source)
-    _check_float(model, source)
     model.float().eval()
     batches, what = nll_batches(model, tok, meta, limit=limit, data=data)
     time_batch = batches[0][0]

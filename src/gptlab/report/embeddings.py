@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from gptlab import GptlabError
 from gptlab.data.tokenizer import PAD, TASK_SYMBOLS, CharTokenizer
 from gptlab.models.gpt import KVCache
+from gptlab.tables import markdown_table
 
 VOWELS = "aeiou"
 KINDS = ("vowel", "consonant", "task symbol", "other")
@@ -259,9 +260,11 @@ def embedding_report(model, tokenizer, out_dir: str | Path, names: list[str] | N
 def run_embedding_report(run: str | Path, out_dir: str | Path | None = None, query_names=DEFAULT_QUERIES,
                          k: int = 5, pool: str = "mean", chars: str | None = None, device: str = "cpu") -> dict:
     """`embedding_report` for a run directory, searching its own training names (from meta.json)."""
-    from gptlab.train.pretrain import corpus_from_spec, load_run
+    from gptlab.load import load
+    from gptlab.train.pretrain import corpus_from_spec
 
-    model, tok, meta = load_run(run, device)
+    loaded = load(run, device=device)
+    model, tok, meta = loaded.lm, loaded.tokenizer, loaded.meta
     names = corpus_from_spec(meta["data_spec"])["train"] if "data_spec" in meta else None
     return embedding_report(model, tok, Path(run) if out_dir is None else out_dir, names, query_names, k, pool,
                             chars)
@@ -282,19 +285,17 @@ def format_embedding_report(result: dict, image: str | None = None) -> str:
     lines += [(f"PCA of the {len(result['chars'])} character embeddings: PC1 explains {100 * r1:.1f}% and "
                f"PC2 {100 * r2:.1f}% of the variance."), ""]
     k = max((len(v) for v in result["neighbours"].values()), default=0)
-    lines += ["Nearest characters by cosine similarity of their embeddings:", "",
-              "| char | kind | " + " | ".join(str(i) for i in range(1, k + 1)) + " |",
-              "|---|---|" + "---|" * k]
     order = sorted(range(len(result["chars"])), key=lambda i: (KINDS.index(result["kinds"][i]), result["chars"][i]))
+    rows = []
     for i in order:
         c = result["chars"][i]
-        cells = [f"{_md(n)} {s:.2f}" for n, s in result["neighbours"][c]]
-        lines.append(f"| {_md(c)} | {result['kinds'][i]} | " + " | ".join(cells) + " |")
+        rows.append([_md(c), result["kinds"][i]] + [f"{_md(n)} {s:.2f}" for n, s in result["neighbours"][c]])
+    lines += ["Nearest characters by cosine similarity of their embeddings:", "",
+              markdown_table(["char", "kind"] + [str(i) for i in range(1, k + 1)], rows)]
     if result["nearest_names"]:
         k = max(len(v) for v in result["nearest_names"].values())
+        rows = [[_md(q)] + [f"{_md(n)} {s:.2f}" for n, s in hits] for q, hits in result["nearest_names"].items()]
         lines += ["", (f"Nearest of {result['num_names']:,} training names by the cosine similarity of the "
                        f"model's {result['pool']}-pooled hidden states (a name in the list finds itself first):"), "",
-                  "| name | " + " | ".join(str(i) for i in range(1, k + 1)) + " |", "|---|" + "---|" * k]
-        for q, hits in result["nearest_names"].items():
-            lines.append(f"| {_md(q)} | " + " | ".join(f"{_md(n)} {s:.2f}" for n, s in hits) + " |")
+                  markdown_table(["name"] + [str(i) for i in range(1, k + 1)], rows)]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,8 @@ from gptlab.data.names import load_corpus, names_rank
 from gptlab.data.tokenizer import CharTokenizer
 from gptlab.models.config import GPTConfig, preset
 from gptlab.models.gpt import GPT
-from gptlab.models.io import CONFIG, TOKENIZER, load_checkpoint, resolve_checkpoint
+from gptlab.outdir import claim_out
+from gptlab.models.io import CONFIG, TOKENIZER
 from gptlab.train.dist import setup as setup_dist
 from gptlab.train.trainer import Trainer, TrainConfig, TrainResult, resolve_device
 
@@ -33,7 +34,7 @@ def pretrain(data: str, out: str | Path, preset_name: str = "char-small", train_
              split_seed: int | None = None, test_size: int | None = None, device: str = "auto",
              fresh: bool = False, log=print, strategy: str = "none", **overrides) -> TrainResult:
     """`strategy` ddp|fsdp under torchrun: every rank runs this; only rank 0 logs and writes."""
-    out = Path(out)
+    out = claim_out(out, "pretrain")
     train_cfg = train_cfg or TrainConfig()
     if not setup_dist(strategy, resolve_device(device)).is_main:
         log = lambda *a, **k: None
@@ -50,7 +51,11 @@ def pretrain(data: str, out: str | Path, preset_name: str = "char-small", train_
     longest = max(len(s) for items in splits.values() for s in items) + 1  # `{name}` minus one
     overrides = {k: v for k, v in overrides.items() if v is not None}
     config = preset(preset_name, vocab_size=tokenizer.vocab_size, **overrides)
-    if longest > config.block_size:
+    if longest > config.block_size:  # a file's lines are at most MAX_LINE_CHARS long (read_text_items)
+        if "block_size" in overrides:  # the user chose the context: do not override it behind their back
+            raise GptlabError(f"--block-size {config.block_size} is too short for the longest item ({longest} "
+                              f"positions with its start/end marks): give --block-size {longest} or more, or "
+                              "leave it out")
         log(f"note: the longest item needs {longest} positions; block_size raised from {config.block_size}")
         config = GPTConfig(**{**config.to_dict(), "block_size": longest})
     if resuming:
@@ -85,25 +90,17 @@ def pretrain(data: str, out: str | Path, preset_name: str = "char-small", train_
     return result
 
 
-def load_run(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer, meta) of a run directory or checkpoint directory."""
-    model, tok, meta = load_checkpoint(resolve_checkpoint(path), device)
-    if tok is None:
-        raise GptlabError(f"{path} has no tokenizer.json: it cannot encode text")
-    return model, tok, meta
-
-
 def evaluate_run(path: str | Path, split: str = "test", device: str | torch.device = "cpu",
-                 batch_size: int = 512, load=None) -> dict:
+                 batch_size: int = 512, *, load) -> dict:
     """NLL per character (nats) and perplexity of a run on a split of its own data.
 
-    `load(path, device) -> (model, tokenizer, meta)` replaces `load_run` (the CLI passes one that
-    also opens quantized checkpoints, which this layer does not know)."""
+    `load(path, device=...) -> (model, tokenizer, meta)` is `gptlab.load.load`, which lives above
+    this layer."""
     from gptlab.train.trainer import evaluate_loss
 
     if split not in ("train", "val", "test"):
         raise GptlabError(f"unknown split {split!r}: use train, val or test")
-    model, tok, meta = (load or load_run)(path, device)
+    model, tok, meta = load(path, device=device)
     if "data_spec" not in meta:
         raise GptlabError(f"{path} does not say which data it was trained on (meta.json): cannot rebuild the split")
     items = corpus_from_spec(meta["data_spec"])[split]

@@ -1,0 +1,236 @@
+"""Every kind of run the product makes x every verb that opens one, through the CLI.
+
+One tiny run of each kind is built once; each verb must open each kind through `gptlab.load`,
+and a method run loaded by the loader must give the logits of the model at the end of its
+training (rebuilt independently from resume/, which holds the whole training model).
+"""
+
+import json
+
+import pytest
+import torch
+
+from gptlab.cli import main
+from gptlab.load import load, source_kind
+from gptlab.methods import apply_method
+from gptlab.models.io import load_weights_into, read_safetensors, save_checkpoint
+from gptlab.peft import SequenceClassifier
+from gptlab.train.trainer import TrainConfig
+
+quiet = lambda *a, **k: None  # noqa: E731
+STEPS = 4
+
+
+def cfg(steps=STEPS, **kw):
+    # one evaluation, at the last step: the best checkpoint is the end of training
+    return TrainConfig(**{"max_steps": steps, "eval_every": steps, "batch_size": 16, "lr": 3e-3,
+                          "warmup_steps": 1, "progress": False, **kw})
+
+
+# (name, task, method, route, options): the names method runs
+NAMES_RUNS = [
+    ("lora", "gender", "lora", "generate", {"rank": 2}),
+    ("adapter", "gender", "adapter", "generate", {"adapter_size": 4}),
+    ("prompt", "gender", "prompt", "generate", {"virtual_tokens": 2, "train_embeddings": True}),
+    ("prefix", "gender", "prefix", "generate", {"virtual_tokens": 2}),
+    ("bitfit", "gender", "bitfit", "generate", {}),
+    ("lastk", "gender", "lastk", "generate", {"last_k": 1}),
+    ("full", "endswith_a", "full", "generate", {}),
+    ("head", "gender", "head", "head", {}),
+    ("lora-head", "gender", "lora", "head", {"rank": 2}),
+    ("full-head", "gender", "full", "head", {}),
+    ("qlora", "gender", "qlora", "generate", {"rank": 2}),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every kind of source, built once: {name: path or preset}."""
+    from gptlab.recipes.dpo import dpo
+    from gptlab.recipes.finetune import finetune
+    from gptlab.train.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("kinds")
+    base = root / "pretrain"
+    pretrain("names", base, "char-tiny", cfg(20), device="cpu", log=quiet)
+    out = {"pretrain": base, "checkpoint": base / "checkpoint"}
+    assert main(["quantize", str(base), "--to", "nf4", "--out", str(root / "nf4")]) == 0
+    out["quantized"] = root / "nf4"
+    for name, task, method, route, opts in NAMES_RUNS:
+        finetune(base, task, method, root / name, route=route, train_cfg=cfg(), device="cpu", limit=200,
+                 eval_limit=20, samples=10, log=quiet, **opts)
+        out[name] = root / name
+    dpo(base, root / "dpo", names_rule_spec="endswith:a", method="lora", train_cfg=cfg(), device="cpu",
+        samples=200, eval_samples=20, kl_samples=8, log=quiet, rank=2)
+    out["dpo"] = root / "dpo"
+    out.update(text_runs(root))
+    return out
+
+
+def text_runs(root):
+    """A tiny Llama with a BPE tokenizer as an HF directory, a CommonGen LoRA run on it, and the run's
+    adapter exported alone (PEFT format, naming its base)."""
+    from test_sample_pretrained import INFO, tiny_bpe, tiny_llama
+
+    from gptlab.data.tokenizer import wrap_tokenizer
+    from gptlab.models.hf import save_hf_dir
+    from gptlab.peft import save_peft
+    from gptlab.recipes.commongen import finetune_commongen
+
+    cg = root / "cg-data"
+    cg.mkdir()
+    words = "dog cat ball field boy girl sun tree car road bird sky fish lake".split()
+    g = torch.Generator().manual_seed(0)
+    sets = [" ".join(words[int(i)] for i in torch.randperm(len(words), generator=g)[:3]) for _ in range(600)]
+    for split, rows in (("train", sets), ("dev", sets[:4])):
+        (cg / f"commongen.{split}.src_alpha.txt").write_text("\n".join(rows) + "\n")
+        (cg / f"commongen.{split}.tgt.txt").write_text("A dog plays with a ball.\n" * len(rows))
+    tok = wrap_tokenizer(tiny_bpe(), INFO)
+    model = tiny_llama(tok.vocab_size, seed=3, block_size=256)
+    model.config.extra.update(INFO)
+    hf = save_hf_dir(model, tok, root / "hf")
+    finetune_commongen(hf, "lora", root / "cg-lora", data=cg, train_cfg=cfg(), device="cpu", eval_limit=2,
+                       gen_batch=2, max_new_tokens=4, log=quiet, rank=2)
+    tuned = load(root / "cg-lora")
+    save_peft(tuned.model, root / "peft-adapter")
+    return {"hf": hf, "cg-lora": root / "cg-lora", "peft-adapter": root / "peft-adapter", "cg-data": cg}
+
+
+KINDS = {"pretrain": "checkpoint", "checkpoint": "checkpoint", "quantized": "quantized", "dpo": "method-run",
+         "hf": "hf", "cg-lora": "method-run", "peft-adapter": "adapter",
+         **{name: "method-run" for name, *_ in NAMES_RUNS}}
+CHAR = ["pretrain", "checkpoint", "quantized", "dpo"] + [n for n, _, _, route, _ in NAMES_RUNS if route == "generate"]
+CLASSIFIERS = [n for n, _, _, route, _ in NAMES_RUNS if route == "head"]
+TEXT = ["hf", "cg-lora", "peft-adapter"]
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_the_loader_knows_every_kind(runs, name):
+    assert source_kind(runs[name]) == KINDS[name]
+    loaded = load(runs[name])
+    assert loaded.kind == KINDS[name] and not loaded.model.training
+    assert isinstance(loaded.model, SequenceClassifier) == (name in CLASSIFIERS)
+
+
+@pytest.mark.parametrize("name", CHAR)
+def test_sample_and_eval_open_every_char_run(runs, name, capsys):
+    assert main(["sample", str(runs[name]), "-n", "3", "--seed", "0", "--quiet"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["eval", str(runs[name]), "--split", "test", "--json"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out.splitlines()[0])
+    assert r["nll_per_char"] > 0 and r["items"] > 0
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS + ["lora", "full"])
+def test_eval_prints_the_task_metric_of_a_finetune_run(runs, name, capsys):
+    assert main(["eval", str(runs[name]), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    meta = load(runs[name]).meta
+    metric = {"gender": "accuracy %", "endswith_a": "% ending in a"}[meta["task"]]
+    assert metric in out
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_sample_on_a_classifier_says_to_use_eval(runs, name, capsys):
+    assert main(["sample", str(runs[name])]) == 2
+    err = capsys.readouterr().err
+    assert "eval" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", TEXT)
+def test_sample_and_commongen_eval_open_every_text_run(runs, name, capsys):
+    assert main(["sample", str(runs[name]), "--prompt", "dog", "--greedy", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(runs[name]), "--task", "commongen", "--data", str(runs["cg-data"]), "--limit", "2",
+                 "--max-new-tokens", "3", "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["rougeL"] <= 1
+
+
+@pytest.mark.parametrize("name", ["pretrain", "lora", "dpo", "quantized"])
+def test_embeddings_and_quantize_open_runs(runs, name, tmp_path, capsys):
+    if name != "quantized":
+        assert main(["embeddings", str(runs[name]), "--out", str(tmp_path)]) == 0
+        assert (tmp_path / "embeddings.png").exists()
+        assert main(["quantize", str(runs[name]), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+        assert load(tmp_path / "q").kind == "quantized"
+    else:
+        assert main(["quantize", str(runs[name]), "--to", "int8", "--out", str(tmp_path / "q")]) == 2
+        assert "already quantized" in capsys.readouterr().err
+
+
+def end_of_training(run):
+    """The model at the end of training, rebuilt without the loader's method path: base + the same
+    method (same seed and options) + every weight of resume/."""
+    meta = json.loads((run / "resume" / "meta.json").read_text())
+    base = load(meta["base"])
+    model = base.model
+    if meta.get("quantization"):
+        from gptlab.methods import quantize_base
+
+        quantize_base(model, meta["quantization"])
+    if meta["route"] == "head":
+        model = SequenceClassifier(model, len(meta["labels"]))
+    apply_method(model, meta["method"], base.tokenizer, 0, **meta["method_options"])
+    load_weights_into(model, read_safetensors(run / "resume" / "model.safetensors"), str(run))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", [n for n, *_ in NAMES_RUNS] + ["dpo", "cg-lora"])
+def test_a_loaded_method_run_is_the_model_at_the_end_of_training(runs, name):
+    run = runs[name]
+    assert json.loads((run / "checkpoint" / "meta.json").read_text())["step"] == STEPS
+    loaded, ref = load(run), end_of_training(run)
+    x = torch.randint(1, loaded.lm.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # LM logits, or a classifier's label logits
+        got, want = loaded.model(x)[0], ref(x)[0]
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_a_method_run_never_falls_back_to_resume(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "interrupted"
+    shutil.copytree(runs["lora"], run)
+    shutil.rmtree(run / "checkpoint")
+    with pytest.raises(Exception, match="no finished checkpoint"):
+        load(run)
+    assert main(["sample", str(run)]) == 2
+
+
+def test_an_unknown_source_names_the_kinds(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hi")
+    for bad in (tmp_path / "empty", tmp_path / "notes.txt", tmp_path / "missing", "no-such-preset"):
+        assert main(["sample", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "preset" in err and ".gguf" in err and len(err.strip().splitlines()) == 1
+    save_checkpoint(tmp_path / "notok", _tiny(), None, {})
+    with pytest.raises(Exception, match="tokenizer"):
+        load(tmp_path / "notok")
+
+
+def _tiny():
+    from gptlab.models.config import preset
+    from gptlab.models.gpt import GPT
+
+    return GPT(preset("char-tiny", vocab_size=10))
+
+
+def test_nan_weights_are_refused_by_every_verb(runs, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = tmp_path / "diverged"
+    shutil.copytree(runs["checkpoint"], run)
+    sd = read_safetensors(run / "model.safetensors")
+    key = sorted(sd)[0]
+    sd[key] = torch.full_like(sd[key], float("nan"))
+    save_file(sd, str(run / "model.safetensors"))
+    for verb in (["sample", str(run)], ["eval", str(run)], ["quantize", str(run), "--to", "int8", "--out",
+                                                            str(tmp_path / "q")]):
+        assert main(verb) == 2
+        err = capsys.readouterr().err
+        assert "NaN" in err and key in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q").exists()
