@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from gptlab import GptlabError
 from gptlab.models.config import PRESETS, GPTConfig
+from gptlab.tables import markdown_table
 
 GB = 1e9
 PF_DAY = 1e15 * 86400
@@ -208,29 +209,27 @@ def format_estimate(model, tokens=None, *, batch_size: int = 1, seq_len: int | N
     e = estimate(model, tokens, batch_size=batch_size, seq_len=seq_len, utilization=utilization, label=label)
     cols = list(e.training_bytes)
     name = "" if e.label == "--params" else f"{e.label}: "
-    out = [f"# {name}{_n(e.params)} parameters ({e.params:,.0f})", "",
-           "## Inference memory (weights only)", "", "| precision | bytes/param | memory |", "|---|---|---|"]
-    out += [f"| {k} | {v:g} | {_size(e.inference_bytes[k])} |" for k, v in INFERENCE_BYTES.items()]
+    inference = [[k, f"{v:g}", _size(e.inference_bytes[k])] for k, v in INFERENCE_BYTES.items()]
     if e.kv_cache_bytes is not None:
-        out.append(f"| + fp16 KV cache (batch {e.batch_size}, {e.seq_len} tokens) | | {_size(e.kv_cache_bytes)} |")
-    out += ["", f"## Training memory with Adam (batch {e.batch_size}"
-            + (f", sequence {e.seq_len})" if e.seq_len else ")"), "",
-            "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for row in e.training_bytes[cols[0]]:
-        out.append(f"| {row} | " + " | ".join(_size(e.training_bytes[c][row]) for c in cols) + " |")
-    out += [f"| course rule: 24 bytes/param | {_size(e.course_rule_bytes)} | |", "",
-            "Activations: L*s*b*h*(34 + 5*a*s/h) bytes per Korthikanti et al. 2022 (16-bit, no recomputation; "
-            "fp32 doubles it) + 4*s*b*V for fp32 logits; flash attention drops the 5*a*s/h term.", "",
-            "## Compute", "", "| quantity | value |", "|---|---|",
-            f"| training tokens | {_n(e.tokens)} ({e.tokens / e.params:.1f} per parameter"
-            + ("" if e.tokens_given else ", Chinchilla default") + ") |",
-            f"| Chinchilla-optimal tokens (20 per parameter) | {_n(chinchilla_tokens(e.params))} |",
-            f"| training FLOPs (6ND) | {e.flops:.3g} |",
-            f"| PF/s-days | {e.pf_days:,.4g} |"]
-    out += [f"| {g} GPU-days ({GPUS[g] / 1e12:g} TFLOP/s bf16 at {e.utilization:.0%}) | {d:,.4g} |"
-            for g, d in e.gpu_days.items()]
-    out += [f"| compute-optimal model for these FLOPs | {_n(e.optimal_params)} params on "
-            f"{_n(e.optimal_tokens)} tokens |",
-            f"| inference FLOPs per token (2N) | {2 * e.params:.3g} |"]
+        inference.append([f"+ fp16 KV cache (batch {e.batch_size}, {e.seq_len} tokens)", "", _size(e.kv_cache_bytes)])
+    training = [[row] + [_size(e.training_bytes[c][row]) for c in cols] for row in e.training_bytes[cols[0]]]
+    training.append(["course rule: 24 bytes/param", _size(e.course_rule_bytes)] + [""] * (len(cols) - 1))
+    compute = [["training tokens", f"{_n(e.tokens)} ({e.tokens / e.params:.1f} per parameter"
+                + ("" if e.tokens_given else ", Chinchilla default") + ")"],
+               ["Chinchilla-optimal tokens (20 per parameter)", _n(chinchilla_tokens(e.params))],
+               ["training FLOPs (6ND)", f"{e.flops:.3g}"],
+               ["PF/s-days", f"{e.pf_days:,.4g}"]]
+    compute += [[f"{g} GPU-days ({GPUS[g] / 1e12:g} TFLOP/s bf16 at {e.utilization:.0%})", f"{d:,.4g}"]
+                for g, d in e.gpu_days.items()]
+    compute += [["compute-optimal model for these FLOPs",
+                 f"{_n(e.optimal_params)} params on {_n(e.optimal_tokens)} tokens"],
+                ["inference FLOPs per token (2N)", f"{2 * e.params:.3g}"]]
+    out = [f"# {name}{_n(e.params)} parameters ({e.params:,.0f})", "",
+           "## Inference memory (weights only)", "", markdown_table(["precision", "bytes/param", "memory"], inference),
+           "", f"## Training memory with Adam (batch {e.batch_size}"
+           + (f", sequence {e.seq_len})" if e.seq_len else ")"), "", markdown_table([""] + cols, training), "",
+           "Activations: L*s*b*h*(34 + 5*a*s/h) bytes per Korthikanti et al. 2022 (16-bit, no recomputation; "
+           "fp32 doubles it) + 4*s*b*V for fp32 logits; flash attention drops the 5*a*s/h term.", "",
+           "## Compute", "", markdown_table(["quantity", "value"], compute)]
     out += [f"\nNote: {n}" for n in e.notes]
     return "\n".join(out)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from gptlab import GptlabError
+from gptlab.tables import markdown_table
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
@@ -101,12 +102,9 @@ def _fmt(x) -> str:
 
 
 def table(rows: list[dict], columns: list[str], headers: list[str] | None = None) -> str:
-    """A Markdown table (readable as plain text too)."""
-    headers = headers or columns
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(r[c] if isinstance(r[c], str) else _fmt(r[c]) for c in columns) + " |")
-    return "\n".join(lines)
+    """A Markdown table of dict rows: `columns` picks the keys, numbers are formatted with `_fmt`."""
+    return markdown_table(headers or columns,
+                          [[r[c] if isinstance(r[c], str) else _fmt(r[c]) for c in columns] for r in rows])
 
 
 def format_precision(model: nn.Module | None = None) -> str:
