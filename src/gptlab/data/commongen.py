@@ -56,8 +56,11 @@ def load_commongen(path: str | Path, split: str = "train") -> list[CommonGenExam
     if path.is_file():
         return _group(_read_jsonl(path), str(path))
     if not path.is_dir():
-        raise GptlabError(f"CommonGen data not found at {path}; pass the directory with the official "
-                          f"commongen.{split}.src_alpha.txt/.tgt.txt files or a .jsonl file")
+        what = "is not a regular file or directory" if path.exists() else "not found at"
+        where = f"{path} {what}" if path.exists() else f"{what} {path}"
+        raise GptlabError(f"CommonGen data {where}: give --data DIR (a directory with the official "
+                          f"commongen.{split}.src_alpha.txt/.tgt.txt files, or a .jsonl file) or set "
+                          "GPTLAB_COMMONGEN to that directory")
     src, tgt = path / f"commongen.{split}.src_alpha.txt", path / f"commongen.{split}.tgt.txt"
     jsonl = path / f"commongen.{split}.jsonl"
     if src.exists() or tgt.exists():

@@ -158,21 +158,55 @@ def describe(records: list[NameRecord], max_rank: int = MAX_RANK) -> str:
     ])
 
 
-def read_text_items(path: str | Path) -> list[str]:
-    """One item per line (blank lines skipped, surrounding whitespace stripped)."""
+MAX_LINE_CHARS = 1000  # an item is a name or a short string: a longer line is a wrong file, not data
+
+
+def _note(message: str) -> None:
+    """The default `log` of the data-file readers: one line on stderr, beside a verb's own output."""
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def read_text_items(path: str | Path, log=_note) -> list[str]:
+    """One item per line (blank lines skipped, surrounding whitespace stripped), each once.
+
+    Dropped lines (repeats, lines using the reserved `{` `}`) are counted in one `log` line each."""
     path = Path(path)
+    give = "give `names` or a text file with one item per line"
+    if path.is_dir():
+        raise GptlabError(f"data file {path} is a directory: {give} (a file inside it, not the directory)")
+    if not path.exists():
+        raise GptlabError(f"data file {path} does not exist: {give}")
     if not path.is_file():
-        raise GptlabError(f"data file {path} does not exist: give `names` or a text file with one item per line")
+        raise GptlabError(f"data file {path} is not a regular file (a device, pipe or socket): {give}")
     try:
-        items = [line.strip() for line in path.read_text().splitlines()]
+        lines = [line.strip() for line in path.read_text().splitlines()]
     except UnicodeDecodeError:
         raise GptlabError(f"{path} is not UTF-8 text: give a plain text file with one item per line") from None
-    items = list(dict.fromkeys(i for i in items if i))
-    if not items:
-        raise GptlabError(f"{path} holds no items: give a text file with one item per line")
-    bad = [i for i in items if any(c in "{}\x00" for c in i)]
+    except OSError as e:
+        raise GptlabError(f"cannot read data file {path} ({e.strerror}): {give}") from None
+    if not any(lines):
+        what = "the file is empty" if not lines else "only blank lines"
+        raise GptlabError(f"{path} holds no items ({what}): {give}")
+    for i, line in enumerate(lines, start=1):
+        if len(line) > MAX_LINE_CHARS:
+            raise GptlabError(f"{path}:{i}: a line of {len(line):,} characters (the limit is {MAX_LINE_CHARS:,}); "
+                              "each line must be one item (a name or a short string): split or remove it")
+    present = [i for i in lines if i]
+    items = list(dict.fromkeys(present))
+    bad = {i for i in items if any(c in "{}\x00" for c in i)}
     if len(bad) == len(items):
-        raise GptlabError(f"every line of {path} uses the reserved characters {{ }}: no valid items")
+        raise GptlabError(f"every line of {path} uses the reserved characters {{ }} (they mark an item's start "
+                          "and end): remove them from the data")
+    if len(present) > len(items):
+        n = len(present) - len(items)
+        log(f"note: {path}: {n:,} duplicate line{'s' * (n != 1)} dropped, {len(items):,} distinct items kept "
+            "(an item appears once, so no test item is also in train)")
+    if bad:
+        n = sum(1 for i in present if i in bad)
+        log(f"note: {path}: {n:,} line{'s' * (n != 1)} dropped for using the reserved characters {{ }} "
+            "(they mark an item's start and end)")
     return [i for i in items if i not in bad]
 
 
@@ -198,12 +232,14 @@ def split_items(items: list[str], split_seed: int | None = None, test_size: int 
     }
 
 
-def load_corpus(data: str, split_seed: int | None = None, test_size: int | None = None) -> dict[str, list[str]]:
+def load_corpus(data: str, split_seed: int | None = None, test_size: int | None = None,
+                log=_note) -> dict[str, list[str]]:
     """Items per split for `--data names`, `--data names:RANK` or `--data path.txt`. The names
-    corpora are hash-split whatever the rank, so a task's test name is in no corpus's train split."""
+    corpora are hash-split whatever the rank, so a task's test name is in no corpus's train split.
+    `log` gets a text file's notes (dropped lines); the default prints them on stderr."""
     rank = names_rank(data)
     if rank is not None:
         if split_seed is not None:
             return split_items([r.name for r in load_names(max_rank=rank)], split_seed, test_size)
         return names_by_split(load_names(max_rank=rank))
-    return split_items(read_text_items(data), split_seed, test_size)
+    return split_items(read_text_items(data, log), split_seed, test_size)

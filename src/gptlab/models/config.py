@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,14 +37,23 @@ class GPTConfig:
     extra: dict = field(default_factory=dict)  # free-form provenance (e.g. source checkpoint)
 
     def __post_init__(self):
+        problems = self._type_problems()
+        if problems:  # the checks below compare and divide: they need the right types first
+            raise GptlabError("invalid model config: " + "; ".join(problems))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.n_embd
-        problems = []
-        if self.n_embd % self.n_head:
+        sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "intermediate_size")
+        problems = [f"{k}={getattr(self, k)} must be > 0" for k in sizes if getattr(self, k) <= 0]
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        for k in ("norm_eps", "rope_theta"):
+            if not 0 < getattr(self, k) < math.inf:
+                problems.append(f"{k}={getattr(self, k)} must be a finite number > 0")
+        if self.n_head > 0 and self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
+        if self.n_kv_head > 0 and self.n_head % self.n_kv_head:
             problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if self.norm not in ("layernorm", "rmsnorm"):
             problems.append(f"norm={self.norm!r} (use 'layernorm' or 'rmsnorm')")
@@ -50,12 +61,32 @@ class GPTConfig:
             problems.append(f"mlp={self.mlp!r} (use 'gelu' or 'swiglu')")
         if self.pos not in ("learned", "rope"):
             problems.append(f"pos={self.pos!r} (use 'learned' or 'rope')")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+        if self.pos == "rope" and self.n_head > 0 and (self.n_embd // self.n_head) % 2:
             problems.append("RoPE needs an even head dimension")
-        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) <= 0:
-            problems.append("sizes must be positive")
         if problems:
             raise GptlabError("invalid model config: " + "; ".join(problems))
+
+    def _type_problems(self) -> list[str]:
+        """Each field of the wrong type (a hand-edited or corrupt config.json: `vocab_size: "abc"`)."""
+        def whole(v):  # numbers.Integral admits numpy integers (GGUF metadata); bool is no size
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def real(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
+
+        kinds = {"vocab_size": (whole, "a whole number"), "block_size": (whole, "a whole number"),
+                 "n_layer": (whole, "a whole number"), "n_head": (whole, "a whole number"),
+                 "n_embd": (whole, "a whole number"),
+                 "n_kv_head": (lambda v: v is None or whole(v), "a whole number or null"),
+                 "intermediate_size": (lambda v: v is None or whole(v), "a whole number or null"),
+                 "dropout": (real, "a number"), "norm_eps": (real, "a number"), "rope_theta": (real, "a number"),
+                 "bias": (lambda v: isinstance(v, bool), "true or false"),
+                 "fused_qkv": (lambda v: isinstance(v, bool), "true or false"),
+                 "tie_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+                 "norm": (lambda v: isinstance(v, str), "a string"), "mlp": (lambda v: isinstance(v, str), "a string"),
+                 "pos": (lambda v: isinstance(v, str), "a string"), "extra": (lambda v: isinstance(v, dict), "an object")}
+        return [f"{k}={getattr(self, k)!r} must be {what}" for k, (ok, what) in kinds.items()
+                if not ok(getattr(self, k))]
 
     @property
     def head_dim(self) -> int:
@@ -66,21 +97,37 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
+        if not isinstance(d, dict):
+            raise GptlabError(f"a model config must be a JSON object of fields, not {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise GptlabError(f"config.json has unknown fields {unknown}: is it a gptlab config?")
+            raise GptlabError(f"unknown fields {unknown}: not a gptlab model config")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+    REQUIRED = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # no default fits a saved model
+
     @classmethod
     def load(cls, path: str | Path) -> "GPTConfig":
+        fix = "the checkpoint is corrupt: restore it or re-save it from the run that made it"
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptlabError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); {fix}") from None
         except json.JSONDecodeError as e:
-            raise GptlabError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
+            raise GptlabError(f"{path} is not valid JSON ({e}); {fix}") from None
+        if not isinstance(d, dict):
+            raise GptlabError(f"{path} is not a JSON object of model fields; {fix}")
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise GptlabError(f"{path} lacks {', '.join(missing)}; {fix}")
+        try:
+            return cls.from_dict(d)
+        except GptlabError as e:
+            raise GptlabError(f"{path}: {e}; {fix}") from None
 
 
 _GPT2 = dict(norm="layernorm", mlp="gelu", pos="learned", bias=True, fused_qkv=True, norm_eps=1e-5)
