@@ -1,0 +1,235 @@
+"""The verbs that use a model: sample, eval, embeddings. Each opens its input through `gptlab.load`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from gptlab import GptlabError
+from gptlab.cli.args import add_verb, nonneg_float, positive_int, top_p
+
+SOURCE_HELP = ("a run of any kind (pretrain, finetune, dpo, quantize) or its checkpoint/, a preset "
+               "(smollm2-135m-instruct), a .gguf file, an HF model directory or a PEFT adapter directory")
+
+
+def _source(a) -> str | None:
+    """The positional source, or --model (its alias)."""
+    if a.run and a.model and a.run != a.model:
+        raise GptlabError(f"two models given ({a.run} and --model {a.model}): give one")
+    return a.run or a.model
+
+
+def _load(a, source):
+    from gptlab.load import load
+    from gptlab.train.trainer import resolve_device
+
+    return load(source, device=resolve_device(a.device))
+
+
+def _is_classifier(loaded) -> bool:
+    from gptlab.peft import SequenceClassifier
+
+    return isinstance(loaded.model, SequenceClassifier)
+
+
+# ---- sample ----------------------------------------------------------------------------------------------
+
+def add_sample(sub) -> None:
+    s = add_verb(sub, "sample", "sample names from a character model, or generate text with a text model", cmd_sample)
+    s.add_argument("run", nargs="?", help=SOURCE_HELP)
+    s.add_argument("--model", help="the same as the positional model (kept for pretrained models)")
+    s.add_argument("-n", type=positive_int, default=None, help="samples (default 20 for character models, 1 for text)")
+    s.add_argument("--prompt", default="", help="the start of each item, e.g. kr; for a text model the user message")
+    s.add_argument("--no-chat", action="store_true", help="text models: continue the raw prompt, no chat template")
+    s.add_argument("--system", default=None, help="text models: a system message for the chat template")
+    s.add_argument("--temperature", type=nonneg_float, default=1.0, help="softmax temperature (0: greedy)")
+    s.add_argument("--top-k", type=positive_int, default=None, help="sample among the k likeliest tokens")
+    s.add_argument("--top-p", type=top_p, default=None, help="nucleus sampling: the smallest set with this mass")
+    s.add_argument("--greedy", action="store_true", help="always the likeliest token")
+    s.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="default: the context for character models, 128 for text")
+    s.add_argument("--seed", type=int, default=None, help="for repeatable samples")
+    s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
+    s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N, mps")
+    s.add_argument("--quiet", action="store_true", help="no statistics lines (samples, tokens/s)")
+
+
+def cmd_sample(a) -> int:
+    source = _source(a)
+    if source is None:
+        raise GptlabError("give a model: `gptlab sample RUN` (a run directory, a preset such as "
+                          "smollm2-135m-instruct, a .gguf file or an HF directory)")
+    loaded = _load(a, source)
+    if _is_classifier(loaded):
+        raise GptlabError(f"{source} is a classifier (a head-route run): it labels names rather than writing "
+                          f"text; score it with `gptlab eval {source}`")
+    return _sample_items(a, loaded) if loaded.is_char else _sample_text(a, loaded)
+
+
+def _sample_items(a, loaded) -> int:
+    from gptlab.generate import sample_items, sample_stats
+    from gptlab.train.pretrain import corpus_from_spec
+
+    start = time.perf_counter()
+    samples = sample_items(loaded.model, loaded.tokenizer, a.n or 20, a.prompt, seed=a.seed,
+                           temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=a.greedy,
+                           max_new_tokens=a.max_new_tokens, use_cache=not a.no_cache)
+    seconds = time.perf_counter() - start
+    for s in samples:
+        print(s)
+    if "data_spec" in loaded.meta and not a.quiet:
+        stats = sample_stats(samples, corpus_from_spec(loaded.meta["data_spec"])["train"])
+        print(f"-- {stats['n']} samples: {stats['unique_pct']:.1f}% unique, "
+              f"{stats['novel_pct']:.1f}% novel (not in the training split)", file=sys.stderr)
+    # each sample is its characters and the end symbol, one token each (a name cut at the length limit has none)
+    _speed(a, sum(len(s) + 1 for s in samples), seconds)
+    return 0
+
+
+def _speed(a, tokens: int, seconds: float) -> None:
+    """The dim `-- 40 tokens in 0.52 s, 77 tokens/s` line on stderr, after the output."""
+    from gptlab.chat import speed_line
+    from gptlab.cli.chat import dim
+
+    if not a.quiet:
+        print(dim(speed_line(tokens, seconds), sys.stderr), file=sys.stderr, flush=True)
+
+
+def _sample_text(a, loaded) -> int:
+    from gptlab.generate import chat_prompt, generate_texts
+
+    model, tok = loaded.model, loaded.tokenizer
+    chat = not a.no_chat and bool(getattr(tok, "chat_template", None))
+    prompt = chat_prompt(tok, a.prompt, a.system) if chat else a.prompt
+    n = a.n or 1
+    kw = {"max_new_tokens": a.max_new_tokens or 128, "seed": a.seed, "use_cache": not a.no_cache,
+          "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "greedy": a.greedy}
+    start, counts = time.perf_counter(), []  # counts: new tokens per row, the end-of-turn token not counted
+    if n == 1:
+        print(a.prompt if not chat else "", end="", flush=True)
+        generate_texts(model, tok, prompt, 1, stream=lambda piece: print(piece, end="", flush=True), counts=counts,
+                       **kw)
+        seconds = time.perf_counter() - start
+        print()
+    else:
+        texts = generate_texts(model, tok, prompt, n, counts=counts, **kw)
+        seconds = time.perf_counter() - start
+        for i, text in enumerate(texts):
+            print(f"--- {i + 1}\n{'' if chat else a.prompt}{text}")
+    _speed(a, sum(counts), seconds)
+    return 0
+
+
+# ---- eval ------------------------------------------------------------------------------------------------
+
+def add_eval(sub) -> None:
+    s = add_verb(sub, "eval", "a run's NLL per character on a split and, for a tuned run, its task metric; "
+                 "CommonGen scores with --task commongen", cmd_eval)
+    s.add_argument("run", nargs="?", help=SOURCE_HELP)
+    s.add_argument("--model", help="the same as the positional model (kept for pretrained models)")
+    s.add_argument("--split", default=None, help="train, val or test for runs (default test); dev for commongen")
+    s.add_argument("--limit", type=positive_int, default=None,
+                   help="first N examples of the task (default 2000; commongen: 50 concept sets)")
+    s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N, mps")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    g = s.add_argument_group("commongen (generation scored with ROUGE/BLEU/coverage)")
+    g.add_argument("--task", choices=["commongen"], default=None,
+                   help="score on CommonGen (a run tuned on CommonGen is scored there without it)")
+    g.add_argument("--data", default=None, help="CommonGen directory (default $GPTLAB_COMMONGEN or "
+                   "../shared/data/commongen)")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="concept sets generated together")
+    g.add_argument("--max-new-tokens", type=positive_int, default=32, help="sentence length limit in tokens")
+    g.add_argument("--no-chat", action="store_true", help="raw `Concepts: ...` prompts, no chat template")
+
+
+def cmd_eval(a) -> int:
+    from gptlab.recipes.commongen import is_commongen_run
+
+    source = _source(a)
+    if source is None:
+        raise GptlabError("give a model: `gptlab eval RUN`, or `gptlab eval smollm2-135m-instruct --task commongen`")
+    loaded = _load(a, source)
+    if a.task == "commongen" or is_commongen_run(loaded.meta):
+        return _eval_commongen(a, loaded)
+    split = a.split or "test"
+    result, lines = {}, []
+    if not _is_classifier(loaded):  # a classifier's NLL over names does not apply
+        result = _nll(loaded, split)
+        lines.append(f"{split}: {result['items']} items, {result['tokens']} characters: NLL "
+                     f"{result['nll_per_char']:.4f} nats/char, perplexity {result['perplexity']:.3f}")
+    if loaded.meta.get("kind") == "finetune":
+        from gptlab.recipes.finetune import evaluate_run_task
+
+        task = evaluate_run_task(loaded, split=split, eval_limit=a.limit or 2000)
+        result = {**result, "task_metric": task} if result else task
+        lines.append(f"{task['task']} {split}: {task['metric_name']} {task['metric']:.2f} on "
+                     f"{task['examples']} examples")
+    print(json.dumps(result, default=str) if a.json else "\n".join(lines))
+    return 0
+
+
+def _nll(loaded, split: str) -> dict:
+    from gptlab.train.pretrain import evaluate_run
+
+    if "data_spec" not in loaded.meta and not loaded.is_char:
+        raise GptlabError(f"{loaded.source} is a text model with no split of its own: score it with "
+                          f"`gptlab eval {loaded.source} --task commongen`")
+    return evaluate_run(loaded.source, split, next(loaded.lm.parameters()).device,
+                        load=lambda *_, **__: (loaded.lm, loaded.tokenizer, loaded.meta))
+
+
+def _eval_commongen(a, loaded) -> int:
+    from gptlab.evaluate.commongen import format_scores, zero_shot_commongen
+    from gptlab.recipes.commongen import is_commongen_run
+
+    if _is_classifier(loaded) or loaded.is_char:
+        raise GptlabError(f"{loaded.source} is a {'classifier' if _is_classifier(loaded) else 'character model'}: "
+                          "CommonGen needs a text model (smollm2-135m-instruct, a .gguf, an HF directory or a "
+                          "run tuned from one)")
+    # a run tuned on CommonGen answers the raw prompt it was trained on
+    chat = False if (a.no_chat or is_commongen_run(loaded.meta)) else None
+    r = zero_shot_commongen(loaded.source, a.data, split=a.split or "dev", limit=a.limit or 50,
+                            batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, chat=chat,
+                            device=next(loaded.model.parameters()).device, load=lambda *_, **__: loaded)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"commongen {r['split']}, {r['examples']} concept sets ({'chat' if r['chat'] else 'raw'}): "
+              f"{format_scores(r)}  in {r['seconds']:.1f}s")
+    return 0
+
+
+# ---- embeddings ------------------------------------------------------------------------------------------
+
+def add_embeddings(sub) -> None:
+    s = add_verb(sub, "embeddings", "PCA map of a character model's embeddings, neighbours, nearest names",
+                 cmd_embeddings)
+    s.add_argument("run", help="a run of a character model (any kind) or its checkpoint directory")
+    s.add_argument("--out", default=None, help="where embeddings.png goes (default: the run directory)")
+    s.add_argument("--names", default=None, help="comma-separated names whose nearest names to list "
+                   "(default: anna, rahul, john, priya)")
+    s.add_argument("-k", type=positive_int, default=5, help="neighbours per character and per name")
+    s.add_argument("--chars", default=None, help="only these characters on the map (e.g. the letters)")
+    s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N, mps")
+
+
+def cmd_embeddings(a) -> int:
+    from pathlib import Path
+
+    from gptlab.cli.args import csv_list
+    from gptlab.report.embeddings import DEFAULT_QUERIES, embedding_report, format_embedding_report
+    from gptlab.train.pretrain import corpus_from_spec
+
+    loaded = _load(a, a.run)
+    if not loaded.is_char:
+        raise GptlabError(f"{a.run} is a text model ({loaded.tokenizer.vocab_size:,} tokens): the embedding map "
+                          "is for character models")
+    meta = loaded.meta
+    names = corpus_from_spec(meta["data_spec"])["train"] if "data_spec" in meta else None
+    queries = csv_list(a.names) if a.names else DEFAULT_QUERIES
+    out = Path(a.out) if a.out else Path(a.run)
+    r = embedding_report(loaded.lm, loaded.tokenizer, out, names, queries, a.k, chars=a.chars)
+    print(format_embedding_report(r))
+    print(f"map: {r['png']}")
+    return 0
