@@ -86,7 +86,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
 
     Rows that produced `stop_id` (an id or several, e.g. EOS and end-of-turn) are padded with it
     (the first) afterwards; generation ends when all rows stopped, at max_new_tokens, or at the
-    model's context length. `on_token(ids)` streams.
+    model's context length. `on_token(ids)` streams; returning True from it ends generation there
+    (a stop string, a user's Ctrl-C).
 
     `static=True` decodes with a StaticKVCache (fixed shapes, position on the device) and
     `compile=True` (implies static) also compiles the one-token step, as CUDA graphs on CUDA: the
@@ -126,8 +127,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
             done |= torch.isin(nxt, stops)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         step_input = nxt[:, None]
-        if on_token is not None:
-            on_token(nxt)
+        if on_token is not None and on_token(nxt):
+            break
         if stops is not None and bool(done.all()):
             break
     model.train(was_training)
@@ -196,7 +197,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-class _Streamer:
+class Streamer:
     """Prints a row's continuation as it grows. Decodes the whole continuation each time and prints
     the new suffix: a BPE token may hold half a UTF-8 character (decoded as U+FFFD until the rest
     arrives) or change how earlier tokens join, so tokens cannot be decoded one by one."""
@@ -225,6 +226,9 @@ class _Streamer:
             self.shown = text
 
 
+_Streamer = Streamer  # its former name
+
+
 def _cut_at_stop(row: list[int], stops) -> list[int]:
     for i, tok in enumerate(row):
         if tok in stops:
@@ -233,22 +237,27 @@ def _cut_at_stop(row: list[int], stops) -> list[int]:
 
 
 def generate_texts(model, tokenizer, prompt: str, n: int = 1, *, max_new_tokens: int = 128, stream=None,
-                   seed: int | None = None, use_cache: bool = True, **sampling) -> list[str]:
+                   seed: int | None = None, use_cache: bool = True, counts: list | None = None,
+                   **sampling) -> list[str]:
     """n continuations of `prompt` (already chat-formatted if wanted: see `chat_prompt`), generated
     as one batch and cut at the tokenizer's EOS/end-of-turn tokens. With n == 1, `stream(text)` is
-    called with each new piece of text as soon as it is complete."""
+    called with each new piece of text as soon as it is complete. `counts`, a list, receives each
+    row's number of new tokens (for tokens/s)."""
     if n < 1:
         raise GptlabError(f"n must be at least 1, got {n}")
     device = next(model.parameters()).device
     ids = encode_prompt(tokenizer, prompt)
     stops = stop_tokens(tokenizer)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    streamer = _Streamer(tokenizer, stream, stops) if stream is not None and n == 1 else None
+    streamer = Streamer(tokenizer, stream, stops) if stream is not None and n == 1 else None
     seq = generate(model, torch.tensor([ids] * n, device=device), max_new_tokens, stop_id=stops or None,
                    use_cache=use_cache, generator=generator, on_token=streamer, **sampling)
     if streamer is not None:
         streamer.flush()
-    return [tokenizer.decode(_cut_at_stop(row, set(stops))) for row in seq[:, len(ids):].tolist()]
+    rows = [_cut_at_stop(row, set(stops)) for row in seq[:, len(ids):].tolist()]
+    if counts is not None:
+        counts.extend(len(row) for row in rows)
+    return [tokenizer.decode(row) for row in rows]
 
 
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 128, stream=None, **sampling) -> str:

@@ -16,6 +16,7 @@ from gptlab import GptlabError
 PAD = "\x00"  # id 0; never produced by data, skipped when decoding
 BOS, EOS, SEP, ANS = "{", "}", "0", "="
 TASK_SYMBOLS = BOS + EOS + SEP + ANS + string.ascii_uppercase
+CHAR_SPLIT = "(?m)."  # the exported tokenizer's pre-tokenizer: every character (Onig (?m): newlines too)
 
 
 class CharTokenizer:
@@ -66,13 +67,52 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "CharTokenizer":
+        fix = "the tokenizer file is corrupt: restore it or re-save the checkpoint with its tokenizer"
         try:
             d = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError) as e:
+            raise GptlabError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); {fix}") from None
         except json.JSONDecodeError as e:
-            raise GptlabError(f"{path} is not valid JSON ({e}); the tokenizer file is corrupt") from None
-        if d.get("type") != "gptlab-char":
-            raise GptlabError(f"{path} is not a gptlab character tokenizer")
-        return cls(d["chars"])
+            raise GptlabError(f"{path} is not valid JSON ({e}); {fix}") from None
+        if not isinstance(d, dict) or d.get("type") != "gptlab-char":
+            raise GptlabError(f"{path} is not a gptlab character tokenizer (no \"type\": \"gptlab-char\"); {fix}")
+        chars = d.get("chars")
+        if not isinstance(chars, list) or not all(isinstance(c, str) and len(c) == 1 and c != PAD for c in chars):
+            raise GptlabError(f"{path}: `chars` must be a list of single characters; {fix}")
+        if len(set(chars)) != len(chars):  # ids would shift: every later character would mean another one
+            raise GptlabError(f"{path}: `chars` lists a character twice; {fix}")
+        return cls(chars)
+
+    def to_hf(self):
+        """This vocabulary as a `tokenizers.Tokenizer` with the same ids, for transformers: a word-level
+        model over single characters behind a pre-tokenizer that isolates every character (newlines
+        too) and a decoder that joins them back; padding, `{` and `}` are its special tokens (pad,
+        bos, eos), so `decode(..., skip_special_tokens=True)` gives the bare name."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        tok = Tokenizer(models.WordLevel(dict(self.stoi), unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_SPLIT), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        tok.add_special_tokens([AddedToken(c, special=True, normalized=False)
+                                for c in (PAD, BOS, EOS) if c in self.stoi])
+        return tok
+
+    @classmethod
+    def from_hf(cls, tok) -> "CharTokenizer | None":
+        """The CharTokenizer behind a `tokenizers.Tokenizer` that `to_hf` wrote, else None."""
+        try:
+            d = json.loads(tok.to_str())
+        except (AttributeError, ValueError):
+            return None
+        model, pre = d.get("model") or {}, d.get("pre_tokenizer") or {}
+        if (model.get("type") != "WordLevel" or pre.get("type") != "Split"
+                or pre.get("pattern") != {"Regex": CHAR_SPLIT} or (d.get("decoder") or {}).get("type") != "Fuse"):
+            return None
+        by_id = sorted((i, c) for c, i in (model.get("vocab") or {}).items())
+        if [i for i, _ in by_id] != list(range(len(by_id))) or not by_id or by_id[0][1] != PAD \
+                or not all(len(c) == 1 for _, c in by_id):
+            return None
+        return cls([c for _, c in by_id[1:]])
 
 
 def load_tokenizer(path: str | Path):
@@ -80,15 +120,26 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise GptlabError(f"no tokenizer at {path}")
+    fix = "the tokenizer file is corrupt: restore it or re-save the checkpoint with its tokenizer"
     try:
-        kind = json.loads(path.read_text()).get("type")
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise GptlabError(f"cannot read {path} ({getattr(e, 'strerror', None) or e}); {fix}") from None
     except json.JSONDecodeError as e:
-        raise GptlabError(f"{path} is not valid JSON ({e}); the tokenizer file is corrupt") from None
-    if kind == "gptlab-char":
+        raise GptlabError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(d, dict) or not d:
+        raise GptlabError(f"{path} holds no tokenizer (an empty or non-object JSON); {fix}")
+    if d.get("type") == "gptlab-char":
         return CharTokenizer.load(path)
+    if "model" not in d:  # every HF `tokenizers` file has one
+        raise GptlabError(f"{path} is neither a gptlab character tokenizer nor an HF tokenizers file; {fix}")
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception with the serde message
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GptlabError(f"{path} is not a valid HF tokenizers file ({detail}); {fix}") from None
 
 
 # Tokens that end a turn or a document in common chat formats (ChatML/SmolLM, Llama 3, Gemma,

@@ -379,11 +379,41 @@ def load_hf_dir(path: str | Path, block_size: int | None = None, dtype: torch.dt
     if tok is not None and tok.get_vocab_size(with_added_tokens=True) > config.vocab_size:
         raise GptlabError(f"tokenizer in {path} has {tok.get_vocab_size(with_added_tokens=True)} tokens but "
                           f"the model only {config.vocab_size}: they belong to different models")
-    return model, tok
+    from gptlab.data.tokenizer import CharTokenizer
+
+    char = CharTokenizer.from_hf(tok) if tok is not None else None  # a character model gptlab exported
+    return model, (char if char is not None else tok)
 
 
-def save_hf_dir(model: GPT, tokenizer, path: str | Path) -> Path:
-    """Export to a directory `transformers.AutoModelForCausalLM.from_pretrained` loads (atomically)."""
+def hf_special_tokens(tokenizer, extra: dict | None = None, specials: dict | None = None) -> dict:
+    """{bos,eos,pad}_token (text) and _token_id, chat_template and stop_ids for tokenizer_config.json,
+    config.json and generation_config.json: from `specials`, else the tokenizer (an HFTokenizer knows
+    its special tokens), else `extra` (a config's extra: what an imported model's files said)."""
+    backend = getattr(tokenizer, "tokenizer", tokenizer)  # HFTokenizer -> its tokenizers.Tokenizer
+    extra, specials, out = dict(extra or {}), dict(specials or {}), {}
+    for key in ("bos", "eos", "pad"):
+        token = specials.get(f"{key}_token")
+        idx = backend.token_to_id(token) if token is not None else getattr(tokenizer, f"{key}_id", None)
+        if idx is None:
+            idx = extra.get(f"{key}_token_id")
+        if idx is None and isinstance(extra.get(f"{key}_token"), str):
+            idx = backend.token_to_id(extra[f"{key}_token"])
+        if idx is not None and backend.id_to_token(idx) is not None:
+            out[f"{key}_token"], out[f"{key}_token_id"] = backend.id_to_token(idx), int(idx)
+    template = specials.get("chat_template", getattr(tokenizer, "chat_template", None) or extra.get("chat_template"))
+    if isinstance(template, str):
+        out["chat_template"] = template
+    stops = [out.get("eos_token_id")] + list(specials.get("stop_ids", getattr(tokenizer, "stop_ids", None) or []))
+    out["stop_ids"] = list(dict.fromkeys(int(i) for i in stops if i is not None))
+    return out
+
+
+def save_hf_dir(model: GPT, tokenizer, path: str | Path, specials: dict | None = None) -> Path:
+    """Export to a directory `transformers.AutoModelForCausalLM.from_pretrained` loads (atomically):
+    config.json, model.safetensors and, with a tokenizer (a `tokenizers.Tokenizer` or an HFTokenizer),
+    tokenizer.json, tokenizer_config.json (special tokens, chat template) and generation_config.json
+    (bos/eos/pad ids; every end-of-turn token stops generation). `specials` overrides the special
+    tokens ({"bos_token": "{", ...}); by default they come from the tokenizer and the config."""
     from safetensors.torch import save_file
 
     from gptlab.models.io import atomic_dir, state_dict_for_save
@@ -396,16 +426,23 @@ def save_hf_dir(model: GPT, tokenizer, path: str | Path) -> Path:
     sd = {k: v.contiguous() for k, v in sd.items()}
     hf_config["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
     if tokenizer is not None and not hasattr(tokenizer, "to_str"):
-        raise GptlabError("save_hf_dir needs a Hugging Face tokenizers.Tokenizer; export a "
-                          "character-level model with tokenizer=None")
+        raise GptlabError("save_hf_dir needs a Hugging Face tokenizers.Tokenizer; convert a character "
+                          "tokenizer with CharTokenizer.to_hf(), or export with tokenizer=None")
+    tokens = hf_special_tokens(tokenizer, config.extra, specials) if tokenizer is not None else {}
+    ids = {k: v for k, v in tokens.items() if k.endswith("_token_id")}
+    hf_config.update(ids)
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
-            tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast",
-                       "model_max_length": config.block_size}
-            tok_cfg.update({k: config.extra[k] for k in ("bos_token", "eos_token", "pad_token", "chat_template")
-                            if k in config.extra})
+            tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.block_size,
+                       "clean_up_tokenization_spaces": False}
+            tok_cfg.update({k: tokens[k] for k in ("bos_token", "eos_token", "pad_token", "chat_template")
+                            if k in tokens})
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+            gen = dict(ids)
+            if len(tokens["stop_ids"]) > 1:
+                gen["eos_token_id"] = tokens["stop_ids"]
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return Path(path)
