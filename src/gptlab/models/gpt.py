@@ -2,7 +2,8 @@
 
 Config flags pick LayerNorm or RMSNorm, GELU or SwiGLU, learned positions or RoPE, fused or
 separate q/k/v, multi-head or grouped-query attention. Attention goes through
-scaled_dot_product_attention. A `KVCache` makes generation O(1) per new token.
+scaled_dot_product_attention. A `KVCache` makes generation O(1) per new token; a `RaggedKVCache`
+holds a batch whose rows are separate sequences at different positions (continuous batching).
 
 Hooks used by the PEFT methods (kept here so they need no model surgery):
 - `forward(input_embeds=...)`: run on embeddings instead of token ids;
@@ -58,7 +59,7 @@ def rope_tables(head_dim: int, length: int, theta: float, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, H, T, D); cos/sin: (T, D)."""
+    """x: (B, H, T, D); cos/sin: (T, D), or (B, 1, T, D) for rows at different positions."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -114,14 +115,126 @@ class StaticKVCache(KVCache):
         self.v[layer].index_copy_(2, idx, v)
         k, v = self.k[layer], self.v[layer]
         mask = torch.arange(self.max_len, device=q.device) <= idx[:, None]  # (T, max_len)
-        gqa = {}
-        if k.size(1) != q.size(1):  # grouped-query: let SDPA share the kv heads instead of copying them
-            if _SDPA_GQA:
-                gqa = {"enable_gqa": True}
-            else:
-                rep = q.size(1) // k.size(1)
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return masked_attention(q, k, v, mask)
+
+
+def masked_attention(q, k, v, mask):
+    """SDPA of q (B, n_head, T, D) over cached k/v (B, n_kv_head, S, D) where `mask` (broadcast to
+    (B, 1, T, S)) is True; grouped-query k/v heads are shared by SDPA rather than copied."""
+    gqa = {}
+    if k.size(1) != q.size(1):
+        if _SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+
+class RaggedKVCache:
+    """Keys/values for continuous batching: each batch row is its own sequence, at its own length.
+
+    Row b has `lengths[b]` filled slots. A step of T new tokens per row writes them at slots
+    lengths[b] .. lengths[b] + T - 1, gives them those positions (RoPE or learned), and lets query t
+    of row b see only its own row's filled slots:
+
+        mask[b, 0, t, s] = s <= lengths[b] + t          (B, 1, T, S), shared by all heads
+
+    so a row computes what it would compute alone (slots past its length hold stale values that
+    the mask hides). Rows join between steps (`add`: the cache of a sequence prefilled on its own,
+    its prompt-tuning virtual tokens included) and leave (`remove`). The storage keeps spare rows
+    and slots: the batch is its first B rows (a view, no copy), a row that leaves is replaced by
+    the last one (one row copied, not the whole batch), and the slots grow CHUNK at a time.
+    Prefix tuning is not supported here."""
+
+    CHUNK = 64  # slots are added this many at a time: fewer reallocations
+
+    def __init__(self, config: GPTConfig, device=None, dtype=torch.float32):
+        shape = (0, config.n_kv_head, 0, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # (rows, H, S, D)
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.lengths: list[int] = []  # filled slots of each row in the batch, on the host
+        self.lens = torch.zeros(0, dtype=torch.long, device=device)  # the same, on the device
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        """Slots per row."""
+        return self.k[0].size(2)
+
+    def _set_lengths(self, lengths: list[int]) -> None:
+        self.lengths = list(lengths)
+        self.lens = torch.tensor(self.lengths, dtype=torch.long, device=self.k[0].device)
+
+    def _grow(self, rows: int, slots: int) -> None:
+        """Storage of at least `rows` rows and `slots` slots (new room zero-filled; rarely called)."""
+        R, _, S, _ = self.k[0].shape
+        if rows <= R and slots <= S:
+            return
+        rows = max(rows, 2 * R) if rows > R else R  # rows double: joins rarely reallocate
+        slots = max(slots, S)
+        for layers in (self.k, self.v):
+            for i, t in enumerate(layers):
+                new = t.new_zeros(rows, t.size(1), slots, t.size(3))
+                new[:R, :, :S] = t
+                layers[i] = new
+
+    def reserve(self, slots: int) -> None:
+        """Room for `slots` positions in every row (rounded up to a multiple of CHUNK)."""
+        if slots > self.capacity:
+            self._grow(0, -(-slots // self.CHUNK) * self.CHUNK)
+
+    def add(self, cache: KVCache, copies: int = 1) -> None:
+        """Append the rows of `cache` (a KVCache filled up to its `pos`), each `copies` times."""
+        n, B = int(cache.pos), self.batch_size
+        new = copies * cache.k[0].size(0)
+        self._grow(B + new, -(-n // self.CHUNK) * self.CHUNK)
+        for layers, src in ((self.k, cache.k), (self.v, cache.v)):
+            for t, s in zip(layers, src):
+                t[B:B + new, :, :n] = s[:, :, :n].repeat_interleave(copies, dim=0).to(t.dtype)
+        self._set_lengths(self.lengths + [n] * new)
+
+    def remove(self, rows) -> list[int]:
+        """Drop these batch rows. Each hole is filled by moving the last row into it, so the others
+        keep their storage; returns, for each remaining row in its new place, its old index."""
+        order, lengths = list(range(self.batch_size)), list(self.lengths)
+        for r in sorted(set(rows), reverse=True):  # from the end: the last row left is one to keep
+            last = len(order) - 1
+            if r != last:
+                for t in (*self.k, *self.v):
+                    t[r] = t[last]
+                order[r], lengths[r] = order[last], lengths[last]
+            order.pop()
+            lengths.pop()
+        need = -(-(max(lengths, default=0) + 1) // self.CHUNK) * self.CHUNK
+        if self.capacity > 2 * need:  # long rows left: the others stop attending over their slots
+            self.k = [t[:, :, :need].contiguous() for t in self.k]
+            self.v = [t[:, :, :need].contiguous() for t in self.v]
+        self._set_lengths(lengths)
+        return order
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T): the positions of the next T tokens of every row."""
+        return self.lens[:, None] + torch.arange(T, device=self.lens.device)
+
+    def advance(self, T: int) -> None:
+        self.lens = self.lens + T
+        self.lengths = [n + T for n in self.lengths]
+
+    def attend(self, layer: int, q, k, v):
+        """Write this step's k/v (B, n_kv_head, T, D) at each row's own slots and attend q
+        (B, n_head, T, D) over each row's filled slots (see the class docstring)."""
+        B, _, T, _ = q.shape
+        slots = self.positions(T)  # (B, T)
+        rows = torch.arange(B, device=q.device)[:, None]  # (B, 1)
+        ck, cv = self.k[layer][:B], self.v[layer][:B]  # the batch's rows: views, no copy
+        ck[rows, :, slots] = k.transpose(1, 2).to(ck.dtype)  # indexed as (B, T, H, D)
+        cv[rows, :, slots] = v.transpose(1, 2).to(cv.dtype)
+        mask = torch.arange(self.capacity, device=q.device) <= slots[..., None]  # (B, T, S)
+        return masked_attention(q, ck, cv, mask[:, None])
 
 
 def native_gqa(q: torch.Tensor) -> bool:
@@ -167,6 +280,11 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(cache, StaticKVCache):  # fixed shapes for compiled decoding (no prefix: generate checks)
+            y = cache.attend(self.layer_idx, q, k, v).transpose(1, 2).contiguous().view(B, T, C)
+            return self.resid_dropout(self.c_proj(y))
+        if isinstance(cache, RaggedKVCache):  # rows at different positions (continuous batching)
+            if self.prefix is not None:
+                raise ValueError("prefix tuning cannot decode with a RaggedKVCache: decode it with a KVCache")
             y = cache.attend(self.layer_idx, q, k, v).transpose(1, 2).contiguous().view(B, T, C)
             return self.resid_dropout(self.c_proj(y))
         if cache is not None:
@@ -302,9 +420,14 @@ class GPT(nn.Module):
     def embed(self, idx):
         return self.transformer.wte(idx)
 
-    def hidden_states(self, idx=None, *, input_embeds=None, cache: KVCache | None = None):
-        """Final normed hidden states (B, T, C) for token ids or for ready-made input embeddings."""
+    def hidden_states(self, idx=None, *, input_embeds=None, cache: KVCache | RaggedKVCache | None = None):
+        """Final normed hidden states (B, T, C) for token ids or for ready-made input embeddings.
+
+        With a RaggedKVCache each row continues at its own position (its prompt-tuning virtual
+        tokens, if any, came with the prefill that filled it)."""
         x = self.embed(idx) if input_embeds is None else input_embeds
+        if isinstance(cache, RaggedKVCache):
+            return self._ragged_hidden_states(x, cache)
         start = cache.pos if cache is not None else 0
         n_virtual = 0
         if self.prompt is not None and start == 0:  # virtual tokens once, before the first real one
@@ -332,6 +455,27 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x[:, n_virtual:])
+
+    def _ragged_hidden_states(self, x, cache: RaggedKVCache):
+        """hidden_states for rows at different positions: position ids are (B, T), one row each."""
+        B, T, _ = x.shape
+        if B != cache.batch_size:
+            raise ValueError(f"the batch has {B} rows but the RaggedKVCache holds {cache.batch_size}")
+        if max(cache.lengths, default=0) + T > self.config.block_size:
+            raise ValueError(f"sequence of {max(cache.lengths) + T} positions is longer than the context "
+                             f"({self.config.block_size})")
+        cache.reserve(max(cache.lengths, default=0) + T)
+        pos = cache.positions(T)  # (B, T)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:  # (B, 1, T, D): per row, broadcast over the heads
+            rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        cache.advance(T)
+        return self.transformer.ln_f(x)
 
     def forward(self, idx=None, targets=None, *, input_embeds=None, cache: KVCache | None = None,
                 last_only: bool = False):

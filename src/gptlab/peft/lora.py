@@ -9,13 +9,15 @@ course's alpha = 1 scales by 1/r.
 weight is stored (in, out). The LoRA path is the same for both; only the merged delta B A must be
 transposed for Conv1D (PEFT's `fan_in_fan_out`), which the wrapper detects itself.
 
-Several named adapters live in one wrapper (`lora_A.<name>`, as in PEFT); one is active at a time.
-`merge()` folds the active adapter into W0 and keeps W0's exact bytes, so `unmerge()` restores them
-bit for bit (W0 + D - D is not W0 in floating point).
+Several named adapters live in one wrapper (`lora_A.<name>`, as in PEFT); one is active at a time,
+or, inside `row_adapters(model, names)`, each batch row goes through its own adapter (mixed-adapter
+batches, for serving). `merge()` folds the active adapter into W0 and keeps W0's exact bytes, so
+`unmerge()` restores them bit for bit (W0 + D - D is not W0 in floating point).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -87,6 +89,11 @@ class LoRALinear(nn.Module):
         self.active: str | None = None
         self.merged: str | None = None  # the adapter folded into the base weight, if any
         self._unmerged_weight: torch.Tensor | None = None
+        # mixed batches (set by `row_adapters`): the batch's adapters that this layer has, and each
+        # row's scale on their concatenated rank columns; the concatenated A and B, cached
+        self.row_adapters: list[str] | None = None
+        self.row_mask: torch.Tensor | None = None  # (B, 1, sum of their ranks)
+        self._cat_key, self._cat = None, None
 
     def __contains__(self, name: str) -> bool:
         return name in self.lora_A
@@ -165,6 +172,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base_layer(x)
+        if self.row_adapters is not None:
+            return self._forward_rows(x, y)
         name = self.active
         if name is None or self.merged is not None:
             return y
@@ -173,6 +182,32 @@ class LoRALinear(nn.Module):
             x = x.to(A.weight.dtype)  # and a cast here would only add copies (bf16 -> fp32 -> bf16)
         update = self.lora_B[name](A(self.lora_dropout[name](x)))
         return y + (update * self.scaling[name]).to(y.dtype)
+
+    def _concat(self, names: list[str]):
+        """[A_1; ...; A_k] (sum r, in) and [B_1 ... B_k] (out, sum r), rebuilt only when the adapters or
+        their weights change (a batch keeps its adapters for many steps)."""
+        key = tuple((n, id(self.lora_A[n].weight), self.lora_A[n].weight._version, self.lora_B[n].weight._version)
+                    for n in names)
+        if key != self._cat_key:
+            self._cat = (torch.cat([self.lora_A[n].weight for n in names], dim=0),
+                         torch.cat([self.lora_B[n].weight for n in names], dim=1))
+            self._cat_key = key
+        return self._cat
+
+    def _forward_rows(self, x, y):
+        """A mixed batch (inference): every row gets its own adapter's update in three batched ops,
+        whatever the number of adapters (see `row_adapters`)."""
+        if not self.row_adapters:  # no row's adapter adapts this layer
+            return y
+        mask = self.row_mask
+        if x.size(0) != mask.size(0):
+            raise GptlabError(f"row_adapters was given {mask.size(0)} adapter names but the batch has "
+                              f"{x.size(0)} rows: give one name (or None) per row")
+        A, B = self._concat(self.row_adapters)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        h = nn.functional.linear(x, A) * mask  # (B, T, sum r): only the row's own columns, scaled
+        return y + nn.functional.linear(h, B).to(y.dtype)
 
     def extra_repr(self) -> str:
         ranks = {n: a.out_features for n, a in self.lora_A.items()}
@@ -219,7 +254,7 @@ def find_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     return chosen
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -247,13 +282,58 @@ def inject_lora(model: nn.Module, config: LoraConfig, modules: list[str] | None 
         m = linears[n]
         if not isinstance(m, LoRALinear):
             m = LoRALinear(m)
-            _set_submodule(model, n, m)
+            set_submodule(model, n, m)
         m.add_adapter(config.name, config.r, config.alpha, config.dropout, config.init, where=n)
     return names
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def row_adapters(model: nn.Module, names: list[str | None]):
+    """Inside the block, row b of every batch the model sees goes through LoRA adapter `names[b]`
+    (None: the bare base), whichever adapter is active: one forward serves a batch that mixes
+    adapters (PEFT's `adapter_names=`, Punica and S-LoRA serve such batches). For inference: no
+    dropout. Each layer concatenates the batch's adapters and masks every row to its own:
+
+        A_cat = [A_1; ...; A_k]   (r_1 + ... + r_k, in)     B_cat = [B_1 ... B_k]   (out, r_1 + ... + r_k)
+        m_b   = alpha_a / r_a on the r_a columns of row b's adapter a, 0 on the others (all 0: the base)
+        y_b   = W0 x_b + B_cat (m_b * A_cat x_b)  =  W0 x_b + (alpha_a / r_a) B_a A_a x_b
+
+    three batched ops per layer however many adapters share the batch, where a loop over the
+    adapters would cost k times the launches. Merged adapters are unmerged first (a merged delta
+    would reach every row). Unknown names raise GptlabError."""
+    layers = list(lora_layers(model).values())
+    known = {n for m in layers for n in m.lora_A}
+    unknown = sorted({n for n in names if n is not None and n not in known})
+    if unknown:
+        raise GptlabError(f"no LoRA adapter named {unknown[0]!r}; the model has {sorted(known)}")
+    present = sorted({n for n in names if n is not None})
+    masks: dict[tuple, torch.Tensor] = {}  # layers with the same adapters, ranks and scales share one mask
+    for m in layers:
+        m.unmerge()
+        mine = [n for n in present if n in m.lora_A]
+        w = m.lora_A[mine[0]].weight if mine else None
+        shape = tuple((n, m.lora_A[n].out_features, m.scaling[n]) for n in mine)
+        key = (shape, None if w is None else (w.dtype, w.device))
+        if key not in masks:
+            columns, col = {}, 0  # adapter -> (first column, rank, scale) in the concatenation
+            for n, r, scale in shape:
+                columns[n], col = (col, r, scale), col + r
+            mask = torch.zeros(len(names), 1, col)
+            for b, n in enumerate(names):
+                if n in columns:
+                    first, r, scale = columns[n]
+                    mask[b, 0, first:first + r] = scale
+            masks[key] = mask if w is None else mask.to(device=w.device, dtype=w.dtype)
+        m.row_adapters, m.row_mask = mine, masks[key]
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.row_adapters, m.row_mask = None, None
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -276,5 +356,5 @@ def unwrap_lora(model: nn.Module, merge: bool) -> nn.Module:
             m.merge()
         elif m.merged is not None:
             m.unmerge()
-        _set_submodule(model, name, m.base_layer)
+        set_submodule(model, name, m.base_layer)
     return model

@@ -1,0 +1,17 @@
+"""`gptlab serve`: an OpenAI-compatible server for one base model and many adapters, decoded together.
+
+engine.py   the scheduler thread, continuous batching, mixed-adapter rows, the served models
+app.py      the FastAPI app: /v1/models, /v1/completions, /v1/chat/completions (+ streaming), /health,
+            /stats, and the playground page (static/playground.html) at /
+"""
+
+from gptlab.serve.engine import Engine, Job, RequestError
+
+__all__ = ["Engine", "Job", "RequestError", "create_app"]
+
+
+def create_app(engine, *, api_key=None):
+    """The FastAPI app over `engine` (imported on use: FastAPI is the optional `serve` extra)."""
+    from gptlab.serve.app import create_app as make
+
+    return make(engine, api_key=api_key)
