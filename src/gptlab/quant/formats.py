@@ -213,3 +213,117 @@ def bits_per_weight(fmt: str, block_size: int = DEFAULT_BLOCK, row_len: int | No
     if fmt == "nf4-dq":
         return base + 8 / block_size + 32 / (block_size * DQ_BLOCK)
     return base + 32 / block_size
+
+
+# ---- ggml's Q8_0 and Q4_0 blocks (GGUF export) ----------------------------------------------------
+#
+# llama.cpp's two plain blockwise absmax formats: each row is cut into blocks of 32 weights; a block
+# stores one fp16 scale d and 32 integer codes, and stands for code * d.
+#   Q8_0: d = absmax / 127, code = roundf(w / d) in -127..127 (one int8 each): 34 bytes a block.
+#   Q4_0: d = m / -8 where m is the block's weight of largest magnitude *with its sign*, so m itself
+#         is code -8 exactly; code = min(7, floor(w / d + 0.5)) in -8..7: 18 bytes a block, stored
+#         as code + 8 in a nibble, weight j in the low and weight j + 16 in the high nibble of byte j.
+# These follow ggml's quantize_row_q8_0_ref / quantize_row_q4_0_ref (ggml-quants.c) step by step
+# (w * (1/d), round half away from zero, the first weight of largest magnitude), so float32 input
+# gives ggml's bytes; float64 input runs the same steps in float64 (for checking error bounds).
+# Rounding error per weight is at most |d|/2 plus the fp16 rounding of d (|code| x |d - fp16(d)|),
+# except Q4_0's one-sided clip: a weight of the opposite sign to m and nearly its magnitude
+# (w / d > 7.5) is stored as 7 and may lose up to |d|.
+
+GGML_BLOCK = 32
+GGML_FORMATS = {"q8_0": "8-bit codes, one fp16 absmax scale per 32 weights (ggml Q8_0)",
+                "q4_0": "4-bit codes -8..7, one fp16 scale per 32 weights (ggml Q4_0)"}
+GGML_BLOCK_BYTES = {"q8_0": 2 + GGML_BLOCK, "q4_0": 2 + GGML_BLOCK // 2}
+
+
+def _check_ggml(fmt: str, shape, name: str) -> None:
+    if fmt not in GGML_FORMATS:
+        raise GptlabError(f"unknown ggml block format {fmt!r}; choose one of: {', '.join(GGML_FORMATS)}")
+    if not shape or shape[-1] % GGML_BLOCK:
+        raise GptlabError(f"{name} has rows of {shape[-1] if shape else 0} weights, not a multiple of "
+                          f"{GGML_BLOCK}: {fmt} cannot hold it (keep it in f16/f32)")
+
+
+def _roundf_(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf in place: halves away from zero (torch.round rounds them to even). Exact, as
+    gguf.quants' np_roundf: floor(a) + floor(2 (a - floor(a))) with a = |x|, then x's sign."""
+    sign = torch.sign(x)
+    a = x.abs_()
+    whole = torch.floor(a)
+    return a.sub_(whole).mul_(2).floor_().add_(whole).mul_(sign)
+
+
+def _ggml_scales(b: torch.Tensor, fmt: str) -> torch.Tensor:
+    lo, hi = torch.aminmax(b, dim=1)
+    if fmt == "q8_0":
+        return torch.maximum(hi.abs(), lo.abs()) / 127  # +0 for a zero block, as ggml
+    m = torch.where(hi > -lo, hi, lo)  # the weight of largest magnitude, with its sign
+    m = torch.where(m == 0, torch.zeros_like(m), m)  # ggml: a zero block has m = +0, so d = -0
+    tie = (hi == -lo) & (hi != 0)  # both signs reach it: ggml takes the first of them
+    if tie.any():
+        rows = tie.nonzero().squeeze(1)
+        m[rows] = b[rows].gather(1, b[rows].abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    return m / -8
+
+
+def ggml_quantize(w: torch.Tensor, fmt: str, name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, codes) of a float tensor whose last dimension is a multiple of 32: d is float16 with one
+    scale per block, shape (..., cols / 32); codes are int8 of w's shape (-127..127 or -8..7).
+    Computed in w's dtype when it is float64, else in float32 as ggml does; in chunks of blocks,
+    so the intermediate tensors stay in cache."""
+    shape = tuple(w.shape)
+    _check_ggml(fmt, shape, name)
+    w = w.detach()
+    blocks = w.reshape(-1, GGML_BLOCK)
+    work = torch.float64 if w.dtype == torch.float64 else torch.float32
+    d_out = torch.empty(blocks.shape[0], dtype=torch.float16, device=w.device)
+    codes = torch.empty(blocks.shape, dtype=torch.int8, device=w.device)
+    chunk = 16384
+    for start in range(0, blocks.shape[0], chunk):
+        b = blocks[start:start + chunk].to(work)
+        d = _ggml_scales(b, fmt)
+        inv = torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
+        x = b * inv[:, None]  # ggml multiplies by 1/d rather than dividing by d
+        if fmt == "q8_0":
+            x = _roundf_(x)
+        else:  # ggml: (int8_t)(x + 8.5) with x + 8.5 >= 0.5, at most 15, stored as that - 8
+            x.add_(8.5).floor_().clamp_(max=15).sub_(8)
+        codes[start:start + chunk] = x
+        d_out[start:start + chunk] = d
+    return d_out.reshape(*shape[:-1], -1), codes.reshape(shape)
+
+
+def ggml_dequantize(d: torch.Tensor, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """code * d for every weight, computed in float32 as llama.cpp does (float64 if asked)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    blocks = codes.to(work).reshape(-1, GGML_BLOCK) * d.to(work).reshape(-1, 1)
+    return blocks.reshape(codes.shape).to(dtype)
+
+
+def ggml_pack(d: torch.Tensor, codes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The bytes llama.cpp reads: uint8 of shape (rows, bytes per row), blocks in row order."""
+    _check_ggml(fmt, tuple(codes.shape), "codes")
+    n_blocks = codes.numel() // GGML_BLOCK
+    scale = d.reshape(n_blocks).contiguous().view(torch.uint8).reshape(n_blocks, 2)  # little-endian fp16
+    q = codes.reshape(n_blocks, GGML_BLOCK)
+    if fmt == "q8_0":
+        q = q.view(torch.uint8)
+    else:
+        q = (q + 8).to(torch.uint8)
+        q = q[:, :GGML_BLOCK // 2] | (q[:, GGML_BLOCK // 2:] << 4)
+    rows = codes.numel() // codes.shape[-1]
+    return torch.cat([scale, q], dim=1).reshape(rows, -1)
+
+
+def ggml_unpack(raw: torch.Tensor, fmt: str, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ggml_pack: (d float16, codes int8) from the bytes of a tensor of `shape`."""
+    shape = tuple(shape)
+    _check_ggml(fmt, shape, "tensor")
+    blocks = raw.reshape(-1, GGML_BLOCK_BYTES[fmt])
+    d = blocks[:, :2].contiguous().view(torch.float16).reshape(*shape[:-1], -1)
+    q = blocks[:, 2:]
+    if fmt == "q8_0":
+        codes = q.contiguous().view(torch.int8)
+    else:
+        codes = torch.cat([q & 15, q >> 4], dim=1).to(torch.int8) - 8
+    return d, codes.reshape(shape)
