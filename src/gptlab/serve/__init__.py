@@ -1,6 +1,8 @@
 """`gptlab serve`: an OpenAI-compatible server for one base model and many adapters, decoded together.
 
-engine.py   the scheduler thread, continuous batching, mixed-adapter rows, the served models
+engine.py   the scheduler thread: continuous batching over a ragged KV cache (models/kv_cache.py)
+batch.py    one decoding row and its text follower; requests.py: a request's checked parameters
+adapters.py the served base and the LoRA / prompt-tuning adapters that may share its batches
 app.py      the FastAPI app: /v1/models, /v1/completions, /v1/chat/completions (+ streaming), /health,
             /stats, and the playground page (static/playground.html) at /
 """

@@ -13,8 +13,8 @@ it admits waiting requests: each new request is prefilled alone (its prompt thro
 plain KVCache, its `n` choices sharing that one prefill), then its keys/values are appended to the
 running batch's `RaggedKVCache` as new rows. Every decode step feeds each row its last token at the
 row's own position, with an attention mask that keeps each row to its own slots
-(`models/gpt.py: RaggedKVCache`), so rows of any length decode together and a row's output does not
-depend on what else is in the batch. A row leaves the batch the step it finishes (stop token, stop
+(`models/kv_cache.py: RaggedKVCache`), so rows of any length decode together and a row's output does
+not depend on what else is in the batch. A row leaves the batch the step it finishes (stop token, stop
 string, max_tokens, the context's end) or its client goes away; nobody waits for anybody to finish.
 
 Mixed adapters. Every adapter is loaded onto the one base model under its NAME. LoRA rows of one
@@ -41,313 +41,20 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
-import secrets
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from gptlab import GptlabError
+from gptlab.serve.adapters import (BASE_ALIAS, MIXABLE, ServedModel, attach_adapter, check_adapter_name,
+                                   serving_model, tensor_bytes)
+from gptlab.serve.batch import Row, TextFollower
+from gptlab.serve.requests import (DEFAULT_MAX_TOKENS, MAX_N, Job, RequestError, Sampling, clean_messages,
+                                   sampling_params)
 
 log = logging.getLogger("gptlab.serve")
 
-DEFAULT_MAX_TOKENS = 256  # a request without max_tokens gets this many at most (and the context's end)
-MIXABLE = ("lora", "prompt")  # methods whose rows can share a batch with the base and other adapters
-BASE_ALIAS = "base"
-MAX_N = 128  # choices per request (as OpenAI); more than a batch holds are admitted as rows free up
-
-
-class RequestError(GptlabError):
-    """A request the server refuses: an HTTP status and an OpenAI error type and code."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_value", param: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.code, self.param, self.type = status, code, param, type
-
-
-# ---- the models served ----------------------------------------------------------------------------
-
-@dataclass
-class ServedModel:
-    """One entry of /v1/models: the base or an adapter."""
-    id: str
-    kind: str  # "base" | "adapter"
-    method: str | None  # the adapter's method ("lora", "prompt"); the base's own method, if it carries one
-    trainable: int  # parameters: the adapter's trainable ones, or all of the base's
-    size_bytes: int  # the adapter's weights, or the base model's
-    lora: str | None = None  # the name its rows go through in the LoRA layers (None: the bare base)
-    prompt: str | None = None  # its soft prompt's name, if it has one
-    virtual_tokens: int = 0  # context positions its soft prompt takes
-
-
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def serving_model(loaded):
-    """The model to serve for BASE: a plain GPT (a LoRA or selective run folded into its weights), or,
-    for a run whose method cannot be folded (prompt, adapters, QLoRA), that run as it is."""
-    from gptlab.load import plain_model
-    from gptlab.peft import SequenceClassifier, list_adapters
-
-    model = loaded.model
-    if isinstance(model, SequenceClassifier):
-        raise GptlabError(f"{loaded.source} is a classifier (a head-route run): it labels names rather than "
-                          f"writing text; serve its base, {loaded.meta.get('base')}")
-    methods = {m for ms in list_adapters(model).values() for m in ms}
-    if "prefix" in methods:
-        raise GptlabError(f"{loaded.source} carries prefix tuning, which the server's batched decoding does not "
-                          f"run: try it with `gptlab sample` or `gptlab chat`")
-    if not methods:
-        return model
-    if methods <= {"lora", "selective"} and not (loaded.meta.get("quantization") or
-                                                  getattr(model, "quantization", None)):
-        return plain_model(loaded)
-    return model  # served as is: its method is on for every row
-
-
-def _adapter_files(name: str, run) -> tuple[Path, dict]:
-    """The directory holding the adapter file of `run` (a method run's checkpoint/, or a PEFT adapter
-    directory) and the run's meta."""
-    from gptlab.load import source_kind
-    from gptlab.models.io import read_meta
-    from gptlab.peft.api import META_FILE, PEFT_CONFIG_FILE
-
-    where = f"--adapter {name}={run}"
-    kind = source_kind(run)
-    path = Path(str(run))
-    if kind == "adapter":
-        return path, read_meta(path)
-    if kind == "method-run":
-        for d in (path / "checkpoint", path):
-            if (d / META_FILE).is_file() or (d / PEFT_CONFIG_FILE).is_file():
-                return d, read_meta(d)
-        meta = read_meta(path / "checkpoint") or read_meta(path)
-        if meta.get("method") == "full":
-            raise GptlabError(f"{where} is a full fine-tune (a whole model, not an adapter): serve it as the base, "
-                              f"`gptlab serve {run}`")
-        raise GptlabError(f"{where} has no adapter file yet (stopped before its first checkpoint?): finish its "
-                          "training first")
-    raise GptlabError(f"{where} is a {kind}, not an adapter: give a LoRA or prompt-tuning run "
-                      "(`gptlab finetune --method lora`) or a PEFT adapter directory")
-
-
-def attach_adapter(model, name: str, run, base_id: str) -> ServedModel:
-    """Load the adapter of `run` onto the served `model` under `name`, after checking that it is a
-    method that mixes in a batch and that it was trained on this base (by fingerprint)."""
-    from gptlab.peft import SoftPrompt, load_peft, method_parameters, read_adapter
-    from gptlab.peft.lora import lora_layers
-
-    where = f"--adapter {name}={run}"
-    directory, meta = _adapter_files(name, run)
-    if meta.get("route") == "head":
-        raise GptlabError(f"{where} is a classifier (head route): it labels names rather than writing text; "
-                          "serve a generate-route run")
-    if meta.get("quantization"):
-        raise GptlabError(f"{where} is a QLoRA run, trained on a 4-bit copy of its base: serve it on its own, "
-                          f"`gptlab serve {run}`")
-    adapter_meta, tensors = read_adapter(directory)
-    methods = [m["method"] for m in adapter_meta["methods"]]
-    other = [m for m in methods if m not in MIXABLE]
-    if other:
-        hint = ("try it with `gptlab sample` or `gptlab chat`" if other[0] == "prefix"
-                else f"serve it on its own, `gptlab serve {run}`")
-        raise GptlabError(f"{where} uses {other[0]}, which changes the model for every row of a batch; only "
-                          f"{' and '.join(MIXABLE)} adapters share a batch with the base: {hint}")
-    try:
-        load_peft(model, directory, name=name)
-    except GptlabError as e:
-        if "another base model" in str(e):
-            raise GptlabError(f"{where} was trained on another base model ({meta.get('base', 'unknown')}), not "
-                              f"{base_id}: serve it with the base it was made for") from None
-        raise GptlabError(f"{where}: {e}") from None
-    # load_peft made it the active adapter; rows choose their adapter themselves (row_adapters)
-    for m in lora_layers(model).values():
-        m.set_active(None)
-    soft = getattr(model, "prompt", None)
-    virtual = 0
-    if isinstance(soft, SoftPrompt):
-        virtual = soft.prompts[name].size(0) if name in soft else 0
-        soft.set_active(None)
-    return ServedModel(name, "adapter", "+".join(methods), sum(p.numel() for p in method_parameters(model, name)),
-                       _tensor_bytes(tensors.values()), lora=name if "lora" in methods else None,
-                       prompt=name if "prompt" in methods else None, virtual_tokens=virtual)
-
-
-# ---- requests -------------------------------------------------------------------------------------
-
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: list[str] = field(default_factory=list)
-    n: int = 1
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-class Job:
-    """One API request: a prompt, its model, its sampling settings and its `n` choices. The scheduler
-    fills `texts`, `finish` and `completion_tokens` and reports progress through `emit(event)`:
-
-        ("delta", index, text)      new text of choice `index` (complete characters only)
-        ("finish", index, reason)   choice `index` ended: "stop" or "length"
-        ("done",)                   every choice ended; the results are final
-        ("error", RequestError)     the request failed (nothing follows)
-    """
-
-    def __init__(self, served: ServedModel, model_id: str, prompt_ids: list[int], sampling: Sampling):
-        self.id = uuid.uuid4().hex[:24]
-        self.served, self.model_id, self.prompt_ids, self.sampling = served, model_id, prompt_ids, sampling
-        self.created = int(time.time())
-        self.texts = [""] * sampling.n
-        self.finish: list[str | None] = [None] * sampling.n
-        self.completion_tokens = 0
-        self.error: RequestError | None = None
-        self.cancelled = False  # set by the client side (it went away): the rows leave at the next step
-        self.admitted = 0  # choices given a batch row so far (the scheduler's)
-        self.ended = threading.Event()
-        self._emit = None
-
-    @property
-    def n(self) -> int:
-        return self.sampling.n
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def send(self, *event) -> None:
-        if self._emit is not None:
-            try:
-                self._emit(event)
-            except Exception:  # the client's event loop is gone (shutdown): nobody is listening
-                self.cancelled = True
-
-    def fail(self, error: Exception) -> None:
-        if self.ended.is_set():
-            return
-        if not isinstance(error, RequestError):
-            msg = str(error) if isinstance(error, GptlabError) else f"{type(error).__name__}: {error}"
-            error = RequestError(f"the request failed: {msg}", 500, "internal_error", type="server_error")
-        self.error = error
-        self.ended.set()
-        self.send("error", error)
-
-
-class TextFollower:
-    """A choice's tokens as text, released piece by piece: whole characters only (a byte-level BPE
-    token may hold half a UTF-8 character), and never text that may be the start of a stop string.
-
-    Tokens are decoded in a window that starts a little before the new ones (vLLM's incremental
-    detokenization): `decode(ids[prefix:])` minus `decode(ids[prefix:read])` is the new text, so each
-    token costs a few tokens of decoding however long the choice grows."""
-
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
-        self.text, self.sent = "", 0  # decoded text; how much of it was released
-
-    def _decode(self, final: bool) -> None:
-        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        after = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """(text released now, whether a stop string ended the choice)."""
-        self.ids.append(token)
-        self._decode(final=False)
-        return self._release(final=False)
-
-    def flush(self) -> str:
-        """At the end: the text held back (an unfinished character, a stop string's possible start)."""
-        self._decode(final=True)
-        return self._release(final=True)[0]
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        cuts = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
-        if cuts:
-            end = min(cuts)
-            piece, self.text, self.sent = self.text[self.sent:end], self.text[:end], end
-            return piece, True
-        hold = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])),
-                                   default=0)
-        end = max(self.sent, len(self.text) - hold)
-        piece, self.sent = self.text[self.sent:end], end
-        return piece, False
-
-
-class Row:
-    """One choice of a job: one row of the running batch."""
-
-    def __init__(self, job: Job, index: int, tokenizer, stop_ids: set[int], device):
-        self.job, self.index, self.stop_ids = job, index, stop_ids
-        self.follower = TextFollower(tokenizer, job.sampling.stop)
-        self.count = 0  # tokens generated (a stop token not counted)
-        self.last: int | None = None  # the token to feed next
-        self.done = False
-        s = job.sampling
-        self.generator = None
-        if not s.greedy:
-            seed = s.seed + index if s.seed is not None else secrets.randbits(62)
-            self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def sample(self, logits: torch.Tensor) -> int:
-        """A token from this row's (V,) logits with its own settings and generator."""
-        from gptlab.generate import next_token
-
-        s = self.job.sampling
-        return int(next_token(logits[None], s.temperature, s.top_k or None, s.top_p, generator=self.generator)[0])
-
-    def push(self, token: int) -> int:
-        """Take the next token; returns the number of tokens it adds to the output (0 or 1)."""
-        if token in self.stop_ids:
-            self._end("stop", flush=True)
-            return 0
-        self.count += 1
-        piece, stopped = self.follower.push(token)
-        self._say(piece)
-        if stopped:  # a stop string: the text ends before it
-            self._end("stop", flush=False)
-        elif self.count >= self.job.sampling.max_tokens:
-            self._end("length", flush=True)
-        self.last = token
-        return 1
-
-    def _say(self, piece: str) -> None:
-        if piece:
-            self.job.texts[self.index] += piece
-            self.job.send("delta", self.index, piece)
-
-    def _end(self, reason: str, flush: bool) -> None:
-        if flush:  # what was held back (the start of a stop string that never completed) is output
-            self._say(self.follower.flush())
-        self.done = True
-        self.job.finish[self.index] = reason
-        self.job.send("finish", self.index, reason)
-
-
-# ---- the engine -----------------------------------------------------------------------------------
 
 class Engine:
     """The base model, its adapters, and the scheduler thread that serves them in one batch."""
@@ -374,7 +81,7 @@ class Engine:
         weights = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied weight once; no RoPE tables
         base_lora = active_adapter(model) if any(m.active for m in lora_layers(model).values()) else None
         self.base = ServedModel(base_id, "base", base_method, sum(q.numel() for q in params.values()),
-                                _tensor_bytes(weights.values()), lora=base_lora,
+                                tensor_bytes(weights.values()), lora=base_lora,
                                 virtual_tokens=getattr(model, "num_virtual_tokens", 0))
         self.adapters = dict(adapters or {})
         self._has_lora = bool(lora_layers(model))
@@ -442,28 +149,7 @@ class Engine:
         if not self.template:
             raise RequestError(f"{self.base_id} has no chat template, so it cannot take chat messages: send a "
                                "plain prompt to /v1/completions", 400, "no_chat_template", "messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("`messages` must be a non-empty list of {\"role\", \"content\"} objects", 400,
-                               "invalid_value", "messages")
-        clean = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise RequestError("each message must be an object with a string `role` and a `content`", 400,
-                                   "invalid_value", "messages")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: only text ones
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise RequestError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
-                                       400, "invalid_value", "messages")
-                content = "".join(p["text"] for p in content)
-            if content is None:
-                content = ""
-            if not isinstance(content, str):
-                raise RequestError("a message's `content` must be a string or a list of text parts", 400,
-                                   "invalid_value", "messages")
-            role = "system" if m["role"] == "developer" else m["role"]
-            clean.append({"role": role, "content": content})
+        clean = clean_messages(messages)
         tok = self.tokenizer
         try:
             return apply_chat_template(clean, self.template, add_generation_prompt=True,
@@ -498,46 +184,14 @@ class Engine:
             raise RequestError(f"the prompt is {len(ids)} tokens but {served.id}'s context holds {context} (and "
                                "at least one token must be generated): shorten the prompt", 400,
                                "context_length_exceeded", "messages" if messages is not None else "prompt")
-        s = Sampling(max_tokens=0)
-        if max_tokens is not None:
-            s.max_tokens = _int(max_tokens, "max_tokens", 1)
-            if s.max_tokens > self.max_tokens_limit:
-                raise RequestError(f"max_tokens is {s.max_tokens} but this server allows at most "
-                                   f"{self.max_tokens_limit} (its --max-tokens-limit)", 400, "invalid_value",
-                                   "max_tokens")
-        else:
-            s.max_tokens = min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
-        s.max_tokens = min(s.max_tokens, context - len(ids))  # the context ends the choice ("length")
-        if temperature is not None:
-            s.temperature = _float(temperature, "temperature")
-            if s.temperature < 0:
-                raise RequestError(f"temperature must be >= 0 (0: greedy), got {temperature}", 400, "invalid_value",
-                                   "temperature")
-        if top_p is not None:
-            s.top_p = _float(top_p, "top_p")
-            if not 0 < s.top_p <= 1:
-                raise RequestError(f"top_p must be in (0, 1], got {top_p}", 400, "invalid_value", "top_p")
-        if top_k is not None:
-            s.top_k = _int(top_k, "top_k", 0)
-        if n is not None:
-            s.n = _int(n, "n", 1)
-            if s.n > MAX_N:
-                raise RequestError(f"n is {s.n} but a request may ask for at most {MAX_N} choices", 400,
-                                   "invalid_value", "n")
-        if seed is not None:
-            s.seed = _int(seed, "seed", None)
-        if stop is not None:
-            stops = [stop] if isinstance(stop, str) else stop
-            if not isinstance(stops, list) or not all(isinstance(x, str) and x for x in stops) or len(stops) > 4:
-                raise RequestError("`stop` must be a non-empty string or a list of at most 4 of them", 400,
-                                   "invalid_value", "stop")
-            s.stop = stops
+        s = sampling_params(len(ids), context, self.max_tokens_limit, max_tokens=max_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, stop=stop, n=n, seed=seed)
         return Job(served, model, ids, s)
 
     def submit(self, job: Job, emit=None) -> Job:
         """Queue `job`; `emit(event)` is then called from the scheduler thread (see Job). A full queue
         raises RequestError 429; a stopped engine 503."""
-        job._emit = emit
+        job.listen(emit)
         with self._cond:
             if self._stopping:
                 raise RequestError("the server is shutting down", 503, "shutting_down", type="server_error")
@@ -764,29 +418,5 @@ class Engine:
                 "uptime_s": round(time.time() - self._started_at, 1)}
 
 
-def check_adapter_name(name: str, base_id: str) -> None:
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name or ""):
-        raise GptlabError(f"adapter name {name!r} must be letters, digits, - and _ (it is the request's `model`)")
-    if name in (BASE_ALIAS, base_id):
-        raise GptlabError(f"adapter name {name!r} is taken by the base model: choose another")
-
-
-def _int(value, param: str, lo: int | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
-        raise RequestError(f"{param} must be a whole number, got {value!r}", 400, "invalid_value", param)
-    value = int(value)
-    if lo is not None and value < lo:
-        raise RequestError(f"{param} must be at least {lo}, got {value}", 400, "invalid_value", param)
-    return value
-
-
-def _float(value, param: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RequestError(f"{param} must be a number, got {value!r}", 400, "invalid_value", param)
-    return float(value)
-
-
-__all__ = ["Engine", "Job", "RequestError", "Sampling", "ServedModel", "TextFollower", "attach_adapter",
-           "serving_model"]
+__all__ = ["BASE_ALIAS", "DEFAULT_MAX_TOKENS", "MAX_N", "MIXABLE", "Engine", "Job", "RequestError", "Row", "Sampling",
+           "ServedModel", "TextFollower", "attach_adapter", "check_adapter_name", "serving_model"]
