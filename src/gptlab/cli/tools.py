@@ -78,6 +78,8 @@ def add_quantize(sub) -> None:
     s.add_argument("--data", default=None, help="--compare on a pretrained model: CommonGen directory "
                    "(default $GPTLAB_COMMONGEN or ../shared/data/commongen)")
     s.add_argument("--repeats", type=positive_int, default=5, help="--compare: timed forwards per format")
+    s.add_argument("--force", action="store_true", help="--to: replace an earlier quantized checkpoint in --out "
+                   "(never a directory holding other files)")
 
 
 def check_skip(source, skip: str) -> None:
@@ -113,7 +115,7 @@ def cmd_quantize(a) -> int:
         check_skip(a.run, a.skip)
     opts = {"block_size": a.block_size, "skip": a.skip, "embeddings": a.embeddings}
     if a.to:
-        r = quantize_source(a.run, a.to, a.out, **opts)
+        r = quantize_source(a.run, a.to, a.out, force=a.force, **opts)
         layers = f", {r['layers']} layers quantized" if r["layers"] else ""
         hint = (f"`gptlab sample {a.out}` and `gptlab eval {a.out}`" if r["has_data_spec"] else
                 f"`gptlab sample --model {a.out} --prompt ...` and `gptlab eval --task commongen --model {a.out}`")
