@@ -234,3 +234,22 @@ def test_nan_weights_are_refused_by_every_verb(runs, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "NaN" in err and key in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
+
+
+def test_sampling_a_pretrain_run_uses_only_its_training_characters(tmp_path, names_file, capsys):
+    """The tokenizer also holds symbols pretraining never asked for (`0`, `=`, ...): even at a high
+    temperature a pretrain run's samples stay within its data's characters; embeddings map them only."""
+    from gptlab.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(str(names_file), run, "char-tiny", cfg(5), split_seed=0, test_size=20, device="cpu", log=quiet)
+    letters = set("".join(names_file.read_text().split()))
+    assert set(load(run).tokenizer.chars) - letters  # the vocabulary has more than the data
+    assert main(["sample", str(run), "-n", "200", "--temperature", "3", "--seed", "0", "--quiet"]) == 0
+    samples = capsys.readouterr().out.split()
+    assert samples and set("".join(samples)) <= letters
+    first = names_file.read_text().split()[0]
+    assert main(["embeddings", str(run), "--out", str(tmp_path), "--names", first]) == 0
+    shown = [line.split("|")[1].strip().strip("`") for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| `") and len(line.split("|")[1].strip().strip("`")) == 1]
+    assert shown and set(shown) <= letters  # the neighbour table lists data characters only

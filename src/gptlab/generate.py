@@ -81,8 +81,12 @@ def _check_static(model, use_cache: bool) -> None:
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
              stop_id=None, use_cache: bool = True, generator: torch.Generator | None = None,
-             on_token=None, static: bool = False, compile: bool = False) -> torch.Tensor:
+             on_token=None, static: bool = False, compile: bool = False,
+             allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Continue a (B, T) batch of equal-length prompts; returns (B, T + new) ids.
+
+    `allowed` (V,) bool: the only tokens that may be produced (a pretrained names model's tokenizer
+    also holds task symbols its pretraining never asked for; sampling them gave names like `jucaeTim`).
 
     Rows that produced `stop_id` (an id or several, e.g. EOS and end-of-turn) are padded with it
     (the first) afterwards; generation ends when all rows stopped, at max_new_tokens, or at the
@@ -121,6 +125,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
             torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: reuse them
         step = decode if i else _last_logits  # the prompt (prefill) runs eagerly: its shape varies
         logits = step(model, step_input if use_cache else seq, cache)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
         nxt = next_token(logits, temperature, top_k, top_p, greedy, generator)
         if stops is not None:
             nxt = torch.where(done, stops[0], nxt)

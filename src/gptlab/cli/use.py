@@ -74,7 +74,8 @@ def _sample_items(a, loaded) -> int:
     start = time.perf_counter()
     samples = sample_items(loaded.model, loaded.tokenizer, a.n or 20, a.prompt, seed=a.seed,
                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=a.greedy,
-                           max_new_tokens=a.max_new_tokens, use_cache=not a.no_cache)
+                           max_new_tokens=a.max_new_tokens, use_cache=not a.no_cache,
+                           allowed=_pretrained_chars(loaded))
     seconds = time.perf_counter() - start
     for s in samples:
         print(s)
@@ -85,6 +86,27 @@ def _sample_items(a, loaded) -> int:
     # each sample is its characters and the end symbol, one token each (a name cut at the length limit has none)
     _speed(a, sum(len(s) + 1 for s in samples), seconds)
     return 0
+
+
+def _pretrained_chars(loaded):
+    """(V,) bool: the characters of a pretrain run's training data and the end symbol; None for tuned
+    runs, whose tasks add symbols (labels, separators) they were taught to write."""
+    import torch
+
+    from gptlab.data.tokenizer import EOS
+    from gptlab.train.pretrain import corpus_from_spec
+
+    if loaded.meta.get("kind") not in ("pretrain", "quantized") or "data_spec" not in loaded.meta \
+            or loaded.meta.get("task"):
+        return None
+    tok = loaded.tokenizer
+    try:
+        seen = {c for item in corpus_from_spec(loaded.meta["data_spec"])["train"] for c in item} | {EOS}
+    except GptlabError:  # the training data moved: sample from the whole vocabulary rather than refuse
+        return None
+    mask = torch.zeros(loaded.lm.config.vocab_size, dtype=torch.bool)
+    mask[[tok.stoi[c] for c in seen if c in tok.stoi]] = True
+    return mask
 
 
 def _speed(a, tokens: int, seconds: float) -> None:
@@ -218,7 +240,7 @@ def cmd_embeddings(a) -> int:
     from pathlib import Path
 
     from gptlab.cli.args import csv_list
-    from gptlab.report.embeddings import DEFAULT_QUERIES, embedding_report, format_embedding_report
+    from gptlab.report.embeddings import DEFAULT_QUERIES, data_chars, embedding_report, format_embedding_report
     from gptlab.train.pretrain import corpus_from_spec
 
     loaded = _load(a, a.run)
@@ -229,7 +251,7 @@ def cmd_embeddings(a) -> int:
     names = corpus_from_spec(meta["data_spec"])["train"] if "data_spec" in meta else None
     queries = csv_list(a.names) if a.names else DEFAULT_QUERIES
     out = Path(a.out) if a.out else Path(a.run)
-    r = embedding_report(loaded.lm, loaded.tokenizer, out, names, queries, a.k, chars=a.chars)
+    r = embedding_report(loaded.lm, loaded.tokenizer, out, names, queries, a.k, chars=a.chars or data_chars(names))
     print(format_embedding_report(r))
     print(f"map: {r['png']}")
     return 0

@@ -57,7 +57,10 @@ def generate_commongen(model, tokenizer, examples, *, batch_size: int = 32, max_
                                                                  chat=chat, system=system)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
+    from tqdm import tqdm
+
+    # generation is most of a CommonGen evaluation's time: a bar on a terminal (disable=None: off elsewhere)
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", leave=False, disable=None):
         idx = order[start:start + batch_size]
         rows = generate_ragged(model, [prompts[i] for i in idx], max_new_tokens, greedy=greedy,
                                stop_id=stop_tokens(tokenizer), **sampling)

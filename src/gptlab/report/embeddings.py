@@ -210,13 +210,20 @@ def _label(c: str) -> str:
     return c if c.isprintable() and not c.isspace() else repr(c)[1:-1]
 
 
+def data_chars(names) -> str | None:
+    """The characters a run's training names hold, in order: what `gptlab embeddings` maps by default
+    (a pretrained names model's vocabulary also has task symbols it never trained on)."""
+    seen = "".join(sorted({c for n in names or () for c in n}))
+    return seen if len(seen) >= 3 else None
+
+
 def embedding_report(model, tokenizer, out_dir: str | Path, names: list[str] | None = None,
                      query_names=DEFAULT_QUERIES, k: int = 5, pool: str = "mean", chars: str | None = None) -> dict:
     """Write `embeddings.png` into out_dir; return the PCA map, character neighbours and nearest names.
 
     `names` are the names to search (the run's training split); without them, no nearest names.
     `chars` limits the map and the neighbours to some characters (default: all but the pad); e.g.
-    the lower-case letters alone, since task symbols a pretraining never saw crowd one corner."""
+    `data_chars(names)`, since task symbols a pretraining never saw crowd one corner."""
     if not isinstance(tokenizer, CharTokenizer):
         raise GptlabError("the embeddings report is for character-level runs; this model has a subword tokenizer")
     if k < 1:
@@ -267,7 +274,7 @@ def run_embedding_report(run: str | Path, out_dir: str | Path | None = None, que
     model, tok, meta = loaded.lm, loaded.tokenizer, loaded.meta
     names = corpus_from_spec(meta["data_spec"])["train"] if "data_spec" in meta else None
     return embedding_report(model, tok, Path(run) if out_dir is None else out_dir, names, query_names, k, pool,
-                            chars)
+                            chars or data_chars(names))
 
 
 def _md(s: str) -> str:
