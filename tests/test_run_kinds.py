@@ -253,3 +253,39 @@ def test_sampling_a_pretrain_run_uses_only_its_training_characters(tmp_path, nam
     shown = [line.split("|")[1].strip().strip("`") for line in capsys.readouterr().out.splitlines()
              if line.startswith("| `") and len(line.split("|")[1].strip().strip("`")) == 1]
     assert shown and set(shown) <= letters  # the neighbour table lists data characters only
+
+
+# export --to hf folds what can be folded; what cannot gets one line naming what works
+EXPORTS_TO_HF = ["pretrain", "checkpoint", "quantized", "dpo", "lora", "bitfit", "lastk", "full", "qlora", *TEXT]
+REFUSED_HF = ["adapter", "prompt", "prefix", *CLASSIFIERS]
+
+
+@pytest.mark.parametrize("name", EXPORTS_TO_HF + REFUSED_HF)
+def test_export_opens_every_kind(runs, name, tmp_path, capsys):
+    out = tmp_path / "hf"
+    code = main(["export", str(runs[name]), "--to", "hf", str(out)])
+    err = capsys.readouterr().err
+    if name in REFUSED_HF:
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
+        return
+    assert code == 0, err
+    again = load(out)
+    assert again.kind == "hf" and again.is_char == load(runs[name]).is_char
+
+
+@pytest.mark.parametrize("name", TEXT)
+def test_chat_opens_every_text_kind(runs, name, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("dog ball\nand then?\n"))
+    assert main(["chat", str(runs[name]), "--temperature", "0", "--max-new-tokens", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2  # piped: one reply per turn
+
+
+@pytest.mark.parametrize("name", ["pretrain", "lora"])
+def test_chat_refuses_a_char_model(runs, name, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(runs[name])]) == 2
+    assert "gptlab sample" in capsys.readouterr().err
