@@ -18,7 +18,6 @@ writes (then `force` replaces it); writes are atomic (a temp directory or file, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -99,7 +98,6 @@ def merged_model(loaded, target: str, log=print):
         dequantize_model(model)
         log(f"note: {src} is quantized ({fmt}): exporting its dequantized float weights (what the quantized "
             "model computes, not the original float model)")
-        loaded = dataclasses.replace(loaded, meta={k: v for k, v in loaded.meta.items() if k != "quantization"})
     return plain_model(loaded)
 
 
