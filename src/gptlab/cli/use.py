@@ -71,16 +71,23 @@ def _sample_items(a, loaded) -> int:
     from gptlab.generate import sample_items, sample_stats
     from gptlab.train.pretrain import corpus_from_spec
 
+    train = None  # the training split, read once: the character mask and the statistics line
+    if "data_spec" in loaded.meta:
+        try:
+            train = corpus_from_spec(loaded.meta["data_spec"])["train"]
+        except GptlabError:  # the training data moved: sample unrestricted, and say so unless --quiet
+            if not a.quiet:
+                raise
     start = time.perf_counter()
     samples = sample_items(loaded.model, loaded.tokenizer, a.n or 20, a.prompt, seed=a.seed,
                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=a.greedy,
                            max_new_tokens=a.max_new_tokens, use_cache=not a.no_cache,
-                           allowed=_pretrained_chars(loaded))
+                           allowed=_pretrained_chars(loaded, train))
     seconds = time.perf_counter() - start
     for s in samples:
         print(s)
-    if "data_spec" in loaded.meta and not a.quiet:
-        stats = sample_stats(samples, corpus_from_spec(loaded.meta["data_spec"])["train"])
+    if train is not None and not a.quiet:
+        stats = sample_stats(samples, train)
         print(f"-- {stats['n']} samples: {stats['unique_pct']:.1f}% unique, "
               f"{stats['novel_pct']:.1f}% novel (not in the training split)", file=sys.stderr)
     # each sample is its characters and the end symbol, one token each (a name cut at the length limit has none)
@@ -88,22 +95,17 @@ def _sample_items(a, loaded) -> int:
     return 0
 
 
-def _pretrained_chars(loaded):
+def _pretrained_chars(loaded, train):
     """(V,) bool: the characters of a pretrain run's training data and the end symbol; None for tuned
     runs, whose tasks add symbols (labels, separators) they were taught to write."""
     import torch
 
     from gptlab.data.tokenizer import EOS
-    from gptlab.train.pretrain import corpus_from_spec
 
-    if loaded.meta.get("kind") not in ("pretrain", "quantized") or "data_spec" not in loaded.meta \
-            or loaded.meta.get("task"):
+    if train is None or loaded.meta.get("kind") not in ("pretrain", "quantized") or loaded.meta.get("task"):
         return None
     tok = loaded.tokenizer
-    try:
-        seen = {c for item in corpus_from_spec(loaded.meta["data_spec"])["train"] for c in item} | {EOS}
-    except GptlabError:  # the training data moved: sample from the whole vocabulary rather than refuse
-        return None
+    seen = {c for item in train for c in item} | {EOS}
     mask = torch.zeros(loaded.lm.config.vocab_size, dtype=torch.bool)
     mask[[tok.stoi[c] for c in seen if c in tok.stoi]] = True
     return mask
