@@ -13,19 +13,60 @@ MODEL_HELP = ("a run of any kind or its checkpoint/, or a pretrained model (smol
 
 # ---- data ------------------------------------------------------------------------------------------------
 
+CHECK_FLAGS = ("against", "out", "threshold", "shingles", "num_perm", "ngram", "split_seed", "test_size", "examples")
+
+
 def add_data(sub) -> None:
-    s = add_verb(sub, "data", "build and cache the names corpus or the task data; print counts", cmd_data)
-    s.add_argument("what", help="names | names:RANK (a wider rank cut, for pretraining) | tasks")
-    s.add_argument("--refresh", action="store_true", help="rebuild the cache from the package")
+    from gptlab.data.checks import NGRAM
+    from gptlab.data.near_dups import DEFAULT_NUM_PERM, DEFAULT_THRESHOLD
+
+    s = add_verb(sub, "data", "build and cache the names corpus or the task data and print counts; or check a "
+                 "data set for duplicates, near duplicates, train/test contamination and PII", cmd_data)
+    s.add_argument("what", help="names | names:RANK (a wider rank cut, for pretraining) | tasks | check FILE")
+    s.add_argument("file", nargs="?", default=None,
+                   help="check: a text file (one item per line, read raw: repeated lines kept), a JSONL file (SFT "
+                   "prompt/completion or messages, or preference prompt/chosen/rejected: the text fields joined), "
+                   "names, names:RANK, or commongen ($GPTLAB_COMMONGEN or ../shared/data/commongen; or a "
+                   "directory of CommonGen files)")
+    s.add_argument("--refresh", action="store_true", help="rebuild the names cache from the package")
+    c = s.add_argument_group("check options (gptlab data check FILE ...)")
+    c.add_argument("--against", default=None, metavar="FILE2",
+                   help="check FILE's training part (its train split, or all of a file) against FILE2's evaluation "
+                   "splits (or all of it); names-tasks: the test names of the names tasks. Without it: FILE's train "
+                   "split against its other splits")
+    c.add_argument("--out", default=None, help="write report.md, results.json and plots here (default: print only)")
+    c.add_argument("--threshold", type=top_p, default=None,
+                   help=f"near duplicates: Jaccard similarity of the shingle sets at least this, in (0, 1] "
+                   f"(default {DEFAULT_THRESHOLD})")
+    c.add_argument("--shingles", default=None, metavar="KIND:N",
+                   help="char:N or word:N (default by the items' mean length: char:3 under 20 characters, "
+                   "char:5 under 30 words, else word:3)")
+    c.add_argument("--num-perm", type=positive_int, default=None,
+                   help=f"MinHash permutations (default {DEFAULT_NUM_PERM})")
+    c.add_argument("--ngram", type=positive_int, default=None,
+                   help=f"contamination: words per shared n-gram (default {NGRAM}, as GPT-3)")
+    c.add_argument("--split-seed", type=int, default=None,
+                   help="split a FILE as makemore does: this seed permutes the raw lines, repeats included (default: "
+                   "the hash split of `gptlab pretrain`, which keeps repeats in one split)")
+    c.add_argument("--test-size", type=positive_int, default=None,
+                   help="with --split-seed: test items (and as many validation items); default min(1000, 10%%)")
+    c.add_argument("--examples", type=positive_int, default=None, help="examples shown per check (default 10)")
 
 
 def cmd_data(a) -> int:
+    if a.what == "check":
+        return cmd_data_check(a)
+    given = [f"--{f.replace('_', '-')}" for f in CHECK_FLAGS if getattr(a, f) is not None]
+    if a.file is not None or given:
+        extra = f"{a.file!r}" if a.file is not None else ", ".join(given)
+        raise GptlabError(f"{extra}: only `gptlab data check FILE` takes a file and check options; "
+                          f"`gptlab data {a.what}` takes --refresh only")
     from gptlab.data.names import describe, load_names, names_rank
 
     rank = names_rank(a.what)
     if rank is None and a.what != "tasks":
-        raise GptlabError(f"unknown data set {a.what!r}: use `gptlab data names`, `gptlab data names:RANK` "
-                          "or `gptlab data tasks`")
+        raise GptlabError(f"unknown data set {a.what!r}: use `gptlab data names`, `gptlab data names:RANK`, "
+                          "`gptlab data tasks` or `gptlab data check FILE`")
     if rank is not None:
         print(describe(load_names(refresh=a.refresh, max_rank=rank), rank))
         return 0
@@ -34,6 +75,44 @@ def cmd_data(a) -> int:
 
     for task in TASKS:
         print(describe_task(build_task(task, records)))
+    return 0
+
+
+def cmd_data_check(a) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from gptlab.data.checks import NGRAM, load_source, run_checks
+    from gptlab.data.near_dups import DEFAULT_NUM_PERM, DEFAULT_THRESHOLD, parse_shingles
+    from gptlab.evaluate.commongen import default_data_dir
+    from gptlab.models.io import atomic_write_text
+    from gptlab.outdir import claim_out
+    from gptlab.report.data_check import report_markdown, summary_text, write_plots
+
+    if a.file is None:
+        raise GptlabError("`gptlab data check` needs a FILE: a text or JSONL file, names, names:RANK or commongen")
+    if a.num_perm is not None and a.num_perm < 2:
+        raise GptlabError(f"--num-perm {a.num_perm}: MinHash LSH needs at least 2 permutations (default 128)")
+    if a.test_size is not None and a.split_seed is None:
+        raise GptlabError("--test-size sizes a seeded split: add --split-seed N")
+    shingles = parse_shingles(a.shingles) if a.shingles is not None else None
+    out = claim_out(a.out, "data check") if a.out else None
+    t = time.perf_counter()
+    common = dict(commongen_dir=default_data_dir(), test_size=a.test_size)
+    source = load_source(a.file, split_seed=a.split_seed, whole=a.against is not None, **common)
+    against = load_source(a.against, whole=True, **common) if a.against else None
+    load_s = time.perf_counter() - t
+    r = run_checks(source, against, shingles=shingles, threshold=a.threshold or DEFAULT_THRESHOLD,
+                   num_perm=a.num_perm or DEFAULT_NUM_PERM, ngram=a.ngram or NGRAM, examples=a.examples or 10)
+    r["seconds"] = {"load": round(load_s, 3), **r["seconds"]}
+    print(summary_text(r))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        images = write_plots(r, out)
+        atomic_write_text(out / "results.json", json.dumps(r, indent=2) + "\n")
+        atomic_write_text(out / "report.md", report_markdown(r, images))
+        print(f"report: {Path(out) / 'report.md'}")
     return 0
 
 
