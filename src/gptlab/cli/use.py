@@ -53,6 +53,11 @@ def add_sample(sub) -> None:
     s.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
     s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N, mps")
     s.add_argument("--quiet", action="store_true", help="no statistics lines (samples, tokens/s)")
+    b = s.add_argument_group("best-of-n (the no-training baseline of RL)")
+    b.add_argument("--best-of", type=positive_int, default=None,
+                   help="for each of the -n outputs draw this many samples and keep the one --reward scores highest")
+    b.add_argument("--reward", default=None, metavar="RM",
+                   help="the reward model for --best-of (a `gptlab reward` run)")
 
 
 def cmd_sample(a) -> int:
@@ -60,24 +65,38 @@ def cmd_sample(a) -> int:
     if source is None:
         raise GptlabError("give a model: `gptlab sample RUN` (a run directory, a preset such as "
                           "smollm2-135m-instruct, a .gguf file or an HF directory)")
+    _check_best_of(a)
     loaded = _load(a, source)
+    if _is_reward_model(loaded):
+        raise GptlabError(f"{source} is a reward model: it scores texts rather than writing them; use it as "
+                          f"`gptlab sample POLICY --best-of N --reward {source}` or score pairs with "
+                          f"`gptlab eval {source} --data pairs.jsonl`")
     if _is_classifier(loaded):
         raise GptlabError(f"{source} is a classifier (a head-route run): it labels names rather than writing "
                           f"text; score it with `gptlab eval {source}`")
+    if a.best_of:
+        return _sample_best_of(a, loaded)
     return _sample_items(a, loaded) if loaded.is_char else _sample_text(a, loaded)
+
+
+def _training_split(a, loaded):
+    """A character run's training split (for the character mask and the statistics line), or None."""
+    from gptlab.train.pretrain import corpus_from_spec
+
+    if "data_spec" not in loaded.meta:
+        return None
+    try:
+        return corpus_from_spec(loaded.meta["data_spec"])["train"]
+    except GptlabError:  # the training data moved: sample unrestricted, and say so unless --quiet
+        if not a.quiet:
+            raise
+    return None
 
 
 def _sample_items(a, loaded) -> int:
     from gptlab.generate import sample_items, sample_stats
-    from gptlab.train.pretrain import corpus_from_spec
 
-    train = None  # the training split, read once: the character mask and the statistics line
-    if "data_spec" in loaded.meta:
-        try:
-            train = corpus_from_spec(loaded.meta["data_spec"])["train"]
-        except GptlabError:  # the training data moved: sample unrestricted, and say so unless --quiet
-            if not a.quiet:
-                raise
+    train = _training_split(a, loaded)  # read once: the character mask and the statistics line
     start = time.perf_counter()
     samples = sample_items(loaded.model, loaded.tokenizer, a.n or 20, a.prompt, seed=a.seed,
                            temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, greedy=a.greedy,
@@ -145,6 +164,59 @@ def _sample_text(a, loaded) -> int:
     return 0
 
 
+def _is_reward_model(loaded) -> bool:
+    from gptlab.peft.heads import is_reward_model
+
+    return is_reward_model(loaded.model)
+
+
+def _check_best_of(a) -> None:
+    if a.best_of is None and a.reward is None:
+        return
+    if a.best_of is None or a.reward is None:
+        raise GptlabError("--best-of N and --reward RM go together: `gptlab sample POLICY --best-of 4 --reward RM` "
+                          "keeps the best of 4 samples by the reward model RM")
+    if a.greedy and a.best_of > 1:
+        raise GptlabError("--greedy draws the same sample every time, so best-of-n has nothing to choose from: "
+                          "drop --greedy (or use --temperature)")
+
+
+def _sample_best_of(a, loaded) -> int:
+    """-n outputs, each the best of --best-of samples by --reward; the mean reward against single samples."""
+    from gptlab.recipes.reward import best_of_n, reward_scorer
+
+    scorer = reward_scorer(a.reward, next(loaded.model.parameters()).device)
+    k = a.n or (20 if loaded.is_char else 1)
+    sampling = {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "use_cache": not a.no_cache}
+    if loaded.is_char:
+        sampling["allowed"] = _pretrained_chars(loaded, _training_split(a, loaded))
+    draws = []
+    texts, best, every = best_of_n(loaded, scorer, [a.prompt] * k, a.best_of, seed=a.seed,
+                                   chat=False if a.no_chat else None, system=a.system,
+                                   max_new_tokens=a.max_new_tokens, samples=draws, **sampling)
+    for i, (text, r) in enumerate(zip(texts, best.tolist())):
+        print(f"{r:+.4f}  {text or '(empty)'}" if loaded.is_char else f"--- {i + 1}  reward {r:+.4f}\n{text}")
+    if not a.quiet:
+        print(f"-- best of {a.best_of}: mean reward {best.mean().item():+.4f} over {k} outputs vs "
+              f"{every.mean().item():+.4f} for single samples (the mean of all {every.numel()} draws)"
+              f"{_rule_shares(scorer, texts, draws)}", file=sys.stderr)
+    return 0
+
+
+def _rule_shares(scorer, texts, draws) -> str:
+    """For a reward model of a names rule: the share of outputs the rule itself prefers, best-of vs single."""
+    source = str(scorer.loaded.meta.get("source") or "")
+    if not source.startswith("names-rule:"):
+        return ""
+    from gptlab.evaluate.judges import names_rule
+
+    rule = source.removeprefix("names-rule:")
+    prefers = names_rule(rule)[0]
+    every = [t for group in draws for t in group]
+    return (f"; {rule}: {100 * sum(map(prefers, texts)) / len(texts):.1f}% of outputs vs "
+            f"{100 * sum(map(prefers, every)) / len(every):.1f}% of single samples")
+
+
 # ---- eval ------------------------------------------------------------------------------------------------
 
 def add_eval(sub) -> None:
@@ -161,7 +233,8 @@ def add_eval(sub) -> None:
     g.add_argument("--task", choices=["commongen"], default=None,
                    help="score on CommonGen (a run tuned on CommonGen is scored there without it)")
     g.add_argument("--data", default=None, help="CommonGen directory (default $GPTLAB_COMMONGEN or "
-                   "../shared/data/commongen)")
+                   "../shared/data/commongen); for a reward model (a `gptlab reward` run) a JSONL of "
+                   '{"prompt", "chosen", "rejected"} pairs to score')
     g.add_argument("--batch-size", type=positive_int, default=16, help="concept sets generated together")
     g.add_argument("--max-new-tokens", type=positive_int, default=32, help="sentence length limit in tokens")
     g.add_argument("--no-chat", action="store_true", help="raw `Concepts: ...` prompts, no chat template")
@@ -174,14 +247,19 @@ def cmd_eval(a) -> int:
     if source is None:
         raise GptlabError("give a model: `gptlab eval RUN`, or `gptlab eval smollm2-135m-instruct --task commongen`")
     loaded = _load(a, source)
+    if loaded.meta.get("kind") == "reward":
+        return _eval_reward(a, loaded)
     if a.task == "commongen" or is_commongen_run(loaded.meta):
         return _eval_commongen(a, loaded)
+    if a.data:
+        raise GptlabError(f"--data is the CommonGen data (with --task commongen) or, for a reward model, the pairs "
+                          f"to score; {source} is not a reward model (a `gptlab reward` run): drop --data, or "
+                          "add --task commongen")
     split = a.split or "test"
     result, lines = {}, []
     if not _is_classifier(loaded):  # a classifier's NLL over names does not apply
         result = _nll(loaded, split)
-        lines.append(f"{split}: {result['items']} items, {result['tokens']} characters: NLL "
-                     f"{result['nll_per_char']:.4f} nats/char, perplexity {result['perplexity']:.3f}")
+        lines.append(_nll_line(result))
     if loaded.meta.get("kind") == "finetune":
         from gptlab.recipes.finetune import evaluate_run_task
 
@@ -193,10 +271,35 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def _eval_reward(a, loaded) -> int:
+    """A reward model on preference pairs: accuracy, mean margin, reward statistics."""
+    from gptlab.data.preferences import load_preferences
+    from gptlab.recipes.reward import RewardScorer, format_pair_scores, score_pairs
+
+    if a.task:
+        raise GptlabError(f"{loaded.source} is a reward model: it scores pairs (--data pairs.jsonl), it does not "
+                          f"generate for --task {a.task}")
+    if not a.data:
+        raise GptlabError(f"give the pairs to score: `gptlab eval {loaded.source} --data pairs.jsonl` (its run "
+                          "records its held-out pairs in pairs_heldout.jsonl)")
+    pairs = load_preferences(a.data)[:a.limit]
+    r = {"data": a.data, **score_pairs(RewardScorer(loaded), pairs)}
+    print(json.dumps(r) if a.json else f"{a.data}: {format_pair_scores(r)}")
+    return 0
+
+
+def _nll_line(r: dict) -> str:
+    if "bits_per_byte" in r:  # free text: tokens differ between tokenizers, bytes do not
+        return (f"{r['split']}: {r['items']} documents, {r['tokens']} tokens: NLL {r['nll_per_token']:.4f} nats/token, "
+                f"{r['bits_per_byte']:.4f} bits/byte, perplexity {r['perplexity']:.3f}")
+    return (f"{r['split']}: {r['items']} items, {r['tokens']} characters: NLL {r['nll_per_char']:.4f} nats/char, "
+            f"perplexity {r['perplexity']:.3f}")
+
+
 def _nll(loaded, split: str) -> dict:
     from gptlab.train.pretrain import evaluate_run
 
-    if "data_spec" not in loaded.meta and not loaded.is_char:
+    if "data_spec" not in loaded.meta and "text_spec" not in loaded.meta and not loaded.is_char:
         raise GptlabError(f"{loaded.source} is a text model with no split of its own: score it with "
                           f"`gptlab eval {loaded.source} --task commongen`")
     return evaluate_run(loaded.source, split, next(loaded.lm.parameters()).device,

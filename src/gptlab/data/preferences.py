@@ -44,7 +44,7 @@ def parse_pair(row, where: str = "pair") -> PreferencePair:
                               "supported, apply the chat template first")
         if not isinstance(value, str):
             raise GptlabError(f"{where}: '{field}' must be a string, got {type(value).__name__}")
-        if not value.strip():
+        if not value.strip() and field != "rejected":  # an empty answer may well be the worse one
             raise GptlabError(f"{where}: '{field}' is empty; drop the line or fill it in")
     if row["chosen"] == row["rejected"]:
         raise GptlabError(f"{where}: 'chosen' equals 'rejected', which teaches nothing; drop the line")
@@ -90,14 +90,15 @@ def names_pairs(samples: list[str], prefers, seed: int, max_pairs: int | None = 
     """(train pairs, held-out pairs, counts) from sampled names: the chosen name satisfies the rule
     `prefers`, the rejected one not; each rejected sample is paired with a chosen one (cycled).
     Samples in the val/test hash split (split_of) make the held-out pairs."""
-    uniq = [s for s in dict.fromkeys(samples) if s]
+    uniq = list(dict.fromkeys(samples))  # an empty sample (the end symbol first) is a rejected answer too:
+    # left out, a reward model would never see one and could rate it highest (best-of-n then picks it)
     out, counts = {}, {"samples": len(samples), "unique": len(uniq),
                        "preferred_pct": 100.0 * sum(map(prefers, samples)) / max(1, len(samples))}
     g = torch.Generator().manual_seed(seed)
     for part in ("train", "heldout"):
         names = [s for s in uniq if (split_of(s) == "train") == (part == "train")]
-        pos = [s for s in names if prefers(s)]
-        neg = [s for s in names if not prefers(s)]
+        pos = [s for s in names if s and prefers(s)]
+        neg = [s for s in names if not s or not prefers(s)]
         counts[f"{part}_chosen"], counts[f"{part}_rejected"] = len(pos), len(neg)
         if not pos or not neg:
             out[part] = []

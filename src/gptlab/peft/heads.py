@@ -1,4 +1,5 @@
-"""A classification head on a GPT: a Linear on the final hidden state of the last real token.
+"""A classification head on a GPT: a Linear on the final hidden state of the last real token (and
+the reward model, the same with one output: `reward_model`).
 
 The last real token is the only one that has seen the whole input (causal attention), so it
 summarises it, as in GPT-1 and HF's *ForSequenceClassification. Batches are right-padded; the
@@ -60,3 +61,31 @@ class SequenceClassifier(nn.Module):
         logits = self.score(h[torch.arange(idx.size(0), device=idx.device), last])
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return logits, loss
+
+
+def reward_model(backbone: nn.Module, pad_id: int = 0) -> SequenceClassifier:
+    """A reward model: `backbone` + a one-output `score` on the last real token (TRL's reward model is
+    HF's *ForSequenceClassification with num_labels=1). It is a SequenceClassifier with one output, so
+    every method trains, saves and loads its head as it does a classifier's (save_peft records
+    num_labels 1); SequenceClassifier itself refuses fewer than two classes, which is right for a
+    classifier, so the one-output head is put in after construction. Score with `reward_of`, never
+    with labels (cross-entropy over one class is always 0)."""
+    model = SequenceClassifier(backbone, 2, pad_id)
+    w = backbone.transformer.wte.weight
+    model.score = nn.Linear(backbone.config.n_embd, 1, bias=False, device=w.device, dtype=w.dtype)
+    nn.init.normal_(model.score.weight, std=0.02)
+    model.num_labels = 1
+    return model
+
+
+def is_reward_model(model: nn.Module) -> bool:
+    return isinstance(model, SequenceClassifier) and model.num_labels == 1
+
+
+def reward_of(model: SequenceClassifier, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 rewards of a right-padded (B, T) batch, read at each row's last real token
+    (`lengths`, so a pad id that is also the EOS, as in many BPE vocabularies, cannot mislead it)."""
+    if not is_reward_model(model):
+        raise GptlabError("reward_of needs a reward model (peft.heads.reward_model), not a classifier or an LM")
+    logits, _ = model(idx, lengths=lengths)  # (B, 1)
+    return logits[:, 0].float()

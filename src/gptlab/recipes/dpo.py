@@ -131,7 +131,10 @@ class Preferences:
         """The pairs this run started with: written to out/ on a fresh start, read back on resume
         (sampling is deterministic, but the file is the record)."""
         held_path = self.out / "pairs_heldout.jsonl"
-        if (self.out / "resume").is_dir() and (self.out / "pairs.jsonl").is_file():
+        if (self.out / "resume").is_dir() and not (self.out / "pairs.jsonl").is_file():
+            raise GptlabError(f"--out {self.out} holds another kind of run (resume/ without pairs.jsonl): choose a "
+                              "new or empty directory")
+        if (self.out / "resume").is_dir():
             train_pairs = load_preferences(self.out / "pairs.jsonl")
             return train_pairs, load_preferences(held_path) if held_path.is_file() else []
         self.out.mkdir(parents=True, exist_ok=True)
