@@ -64,7 +64,44 @@ def runs(tmp_path_factory):
         samples=200, eval_samples=20, kl_samples=8, log=quiet, rank=2)
     out["dpo"] = root / "dpo"
     out.update(text_runs(root))
+    out.update(alignment_runs(base, root))
+    out.update(free_text_runs(root))
     return out
+
+
+def alignment_runs(base, root):
+    """A reward model and a GRPO run on the names base, both LoRA, both from the rule endswith:a."""
+    from gptlab.recipes.reward import train_reward
+    from gptlab.recipes.rl import rl
+    from gptlab.train.rl import RLSettings
+
+    train_reward(base, root / "reward", names_rule_spec="endswith:a", method="lora", train_cfg=cfg(), device="cpu",
+                 samples=200, log=quiet, rank=2)
+    rl(base, root / "rl", names_rule_spec="endswith:a", method="lora", train_cfg=cfg(batch_size=2),
+       settings=RLSettings(group_size=2, max_new_tokens=12), device="cpu", eval_samples=8, kl_samples=4,
+       log=quiet, rank=2)
+    return {"reward": root / "reward", "rl": root / "rl"}
+
+
+SENTENCES = [f"the {a} {v} a {b}." for a in ("dog", "cat", "boy", "girl", "man") for v in ("sees", "likes", "finds")
+             for b in ("ball", "fish", "tree", "kite")]
+
+
+def free_text_runs(root):
+    """Free text: a word-level GPT pretrained with a BPE tokenizer, and its continued pretraining on
+    more text with LoRA."""
+    from gptlab.recipes.continued import continue_pretraining
+    from gptlab.train.pretrain import pretrain
+
+    text = root / "sentences.txt"
+    text.write_text("\n".join(SENTENCES * 3) + "\n")
+    pretrain(str(text), root / "text-bpe", "text-small", cfg(), tokenizer="bpe:280", device="cpu", log=quiet,
+             n_layer=1, n_embd=32, block_size=32)
+    more = root / "more.txt"
+    more.write_text("\n".join(s.replace("the", "a") for s in SENTENCES) + "\n")
+    continue_pretraining(root / "text-bpe", more, root / "cpt-lora", method="lora", train_cfg=cfg(), device="cpu",
+                         window=24, log=quiet, rank=2)
+    return {"text-bpe": root / "text-bpe", "cpt-lora": root / "cpt-lora"}
 
 
 def text_runs(root):
@@ -93,15 +130,27 @@ def text_runs(root):
                        gen_batch=2, max_new_tokens=4, log=quiet, rank=2)
     tuned = load(root / "cg-lora")
     save_peft(tuned.model, root / "peft-adapter")
-    return {"hf": hf, "cg-lora": root / "cg-lora", "peft-adapter": root / "peft-adapter", "cg-data": cg}
+    from gptlab.recipes.sft import finetune_sft
+
+    chats = root / "chats.jsonl"  # SFT on conversations through the chat template
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"dog {w}"},
+                                                      {"role": "assistant", "content": f"A dog and a {w}."}]}) + "\n"
+                             for w in words))
+    finetune_sft(hf, "lora", root / "sft", data=chats, train_cfg=cfg(), device="cpu", samples=2, max_new_tokens=4,
+                 log=quiet, rank=2)
+    return {"hf": hf, "cg-lora": root / "cg-lora", "peft-adapter": root / "peft-adapter", "cg-data": cg,
+            "sft": root / "sft"}
 
 
 KINDS = {"pretrain": "checkpoint", "checkpoint": "checkpoint", "quantized": "quantized", "dpo": "method-run",
-         "hf": "hf", "cg-lora": "method-run", "peft-adapter": "adapter",
-         **{name: "method-run" for name, *_ in NAMES_RUNS}}
-CHAR = ["pretrain", "checkpoint", "quantized", "dpo"] + [n for n, _, _, route, _ in NAMES_RUNS if route == "generate"]
+         "hf": "hf", "cg-lora": "method-run", "peft-adapter": "adapter", "sft": "method-run", "reward": "method-run", "rl": "method-run",
+         "text-bpe": "checkpoint", "cpt-lora": "method-run", **{name: "method-run" for name, *_ in NAMES_RUNS}}
+CHAR = ["pretrain", "checkpoint", "quantized", "dpo", "rl"] + [n for n, _, _, route, _ in NAMES_RUNS
+                                                             if route == "generate"]
 CLASSIFIERS = [n for n, _, _, route, _ in NAMES_RUNS if route == "head"]
-TEXT = ["hf", "cg-lora", "peft-adapter"]
+SCORERS = [*CLASSIFIERS, "reward"]  # a head on the last token: they label or score text, they do not write it
+TEXT = ["hf", "cg-lora", "peft-adapter", "sft"]
+FREE_TEXT = ["text-bpe", "cpt-lora"]  # runs on a text file: scored in bits per byte on its own split
 
 
 @pytest.mark.parametrize("name", list(KINDS))
@@ -109,7 +158,7 @@ def test_the_loader_knows_every_kind(runs, name):
     assert source_kind(runs[name]) == KINDS[name]
     loaded = load(runs[name])
     assert loaded.kind == KINDS[name] and not loaded.model.training
-    assert isinstance(loaded.model, SequenceClassifier) == (name in CLASSIFIERS)
+    assert isinstance(loaded.model, SequenceClassifier) == (name in SCORERS)
 
 
 @pytest.mark.parametrize("name", CHAR)
@@ -131,7 +180,31 @@ def test_eval_prints_the_task_metric_of_a_finetune_run(runs, name, capsys):
     assert metric in out
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("name", FREE_TEXT)
+def test_sample_and_eval_open_every_free_text_run(runs, name, capsys):
+    assert main(["sample", str(runs[name]), "-n", "2", "--seed", "0", "--max-new-tokens", "6", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["eval", str(runs[name]), "--split", "test", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert r["bits_per_byte"] > 0 and r["items"] > 0
+
+
+def test_eval_scores_an_sft_run_on_its_validation_rows(runs, capsys):
+    assert main(["eval", str(runs["sft"]), "--json", "--samples", "1", "--max-new-tokens", "3"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["loss"] > 0 and r["tokens"] > 0
+
+
+def test_eval_scores_pairs_with_a_reward_model(runs, capsys):
+    pairs = runs["reward"] / "pairs.jsonl"
+    assert main(["eval", str(runs["reward"]), "--data", str(pairs), "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
+    assert main(["sample", str(runs["pretrain"]), "--best-of", "2", "--reward", str(runs["reward"]), "-n", "2",
+                 "--seed", "0", "--quiet"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+@pytest.mark.parametrize("name", SCORERS)
 def test_sample_on_a_classifier_says_to_use_eval(runs, name, capsys):
     assert main(["sample", str(runs[name])]) == 2
     err = capsys.readouterr().err
@@ -171,12 +244,16 @@ def end_of_training(run):
         quantize_base(model, meta["quantization"])
     if meta["route"] == "head":
         model = SequenceClassifier(model, len(meta["labels"]))
+    if meta["route"] == "reward":
+        from gptlab.peft.heads import reward_model
+
+        model = reward_model(model)
     apply_method(model, meta["method"], base.tokenizer, 0, **meta["method_options"])
     load_weights_into(model, read_safetensors(run / "resume" / "model.safetensors"), str(run))
     return model.eval()
 
 
-@pytest.mark.parametrize("name", [n for n, *_ in NAMES_RUNS] + ["dpo", "cg-lora"])
+@pytest.mark.parametrize("name", [n for n, *_ in NAMES_RUNS] + ["dpo", "cg-lora", "sft", "reward", "rl", "cpt-lora"])
 def test_a_loaded_method_run_is_the_model_at_the_end_of_training(runs, name):
     run = runs[name]
     assert json.loads((run / "checkpoint" / "meta.json").read_text())["step"] == STEPS
@@ -256,8 +333,9 @@ def test_sampling_a_pretrain_run_uses_only_its_training_characters(tmp_path, nam
 
 
 # export --to hf folds what can be folded; what cannot gets one line naming what works
-EXPORTS_TO_HF = ["pretrain", "checkpoint", "quantized", "dpo", "lora", "bitfit", "lastk", "full", "qlora", *TEXT]
-REFUSED_HF = ["adapter", "prompt", "prefix", *CLASSIFIERS]
+EXPORTS_TO_HF = ["pretrain", "checkpoint", "quantized", "dpo", "rl", "lora", "bitfit", "lastk", "full", "qlora", *TEXT,
+                 *FREE_TEXT]
+REFUSED_HF = ["adapter", "prompt", "prefix", *SCORERS]
 
 
 @pytest.mark.parametrize("name", EXPORTS_TO_HF + REFUSED_HF)

@@ -31,7 +31,8 @@ import torch
 from gptlab import GptlabError
 
 KINDS = ("preset", "gguf", "hf", "method-run", "adapter", "quantized", "checkpoint")
-METHOD_RUN_KINDS = {"finetune": "gptlab finetune", "dpo": "gptlab dpo"}
+METHOD_RUN_KINDS = {"finetune": "gptlab finetune", "dpo": "gptlab dpo", "reward": "gptlab reward",
+                    "rl": "gptlab rl"}
 ACCEPTS = ("a run directory (pretrain, finetune, dpo, quantize) or its checkpoint/, a preset "
            "(smollm2-135m-instruct), a .gguf file, an HF model directory or a PEFT adapter directory")
 
@@ -74,12 +75,17 @@ def _read_meta(d: Path) -> dict:
     return meta
 
 
+def _is_method_meta(meta: dict) -> bool:
+    """A run of the tuning skeleton: a tuning verb's, or continued pretraining (a pretrain run with a base)."""
+    return meta.get("kind") in METHOD_RUN_KINDS or (meta.get("kind") == "pretrain" and "base" in meta)
+
+
 def _method_run_dir(path: Path) -> Path | None:
     """The directory holding a method run's meta.json (the run's checkpoint/, or `path` itself)."""
     for d in (path / "checkpoint", path):
-        if _read_meta(d).get("kind") in METHOD_RUN_KINDS:
+        if _is_method_meta(_read_meta(d)):
             return d
-    if _read_meta(path / "resume").get("kind") in METHOD_RUN_KINDS:
+    if _is_method_meta(_read_meta(path / "resume")):
         return path / "checkpoint"  # a method run interrupted before its first checkpoint
     return None
 
@@ -184,9 +190,9 @@ def _method_run(path: Path, base):
     ckpt = _method_run_dir(path)
     meta = _read_meta(ckpt)
     if not meta:
+        verb = METHOD_RUN_KINDS.get(_read_meta(path / "resume")["kind"], "gptlab pretrain --init")
         raise GptlabError(f"{path} has no finished checkpoint yet (it was interrupted before its first "
-                          f"evaluation): rerun the {METHOD_RUN_KINDS[_read_meta(path / 'resume')['kind']]} "
-                          "command to resume it")
+                          f"evaluation): rerun the {verb} command to resume it")
     if is_checkpoint(ckpt):
         model, tok, own = load_checkpoint(ckpt)
         return model, tok, {**model.config.extra, **own}
@@ -213,11 +219,14 @@ def _with_method(model, ckpt: Path, meta: dict, where: str):
     """Put the method saved in `ckpt` on the plain base `model` (QLoRA: the same NF4 base first)."""
     from gptlab.methods import quantize_base
     from gptlab.peft import SequenceClassifier, load_peft
+    from gptlab.peft.heads import reward_model
 
     if meta.get("quantization"):
         quantize_base(model, meta["quantization"], where=where)
     if meta.get("route") == "head":
         model = SequenceClassifier(model, len(meta["labels"]))
+    elif meta.get("route") == "reward":  # a `gptlab reward` run: the one-output head on the last token
+        model = reward_model(model)
     load_peft(model, ckpt)
     return model
 
@@ -247,8 +256,12 @@ def plain_model(loaded: Loaded) -> torch.nn.Module:
     merged, selective methods already live in them); methods that add modules or a head refuse."""
     from gptlab.peft import SequenceClassifier
     from gptlab.peft.api import drop_peft_state, list_adapters, merge_and_unload
+    from gptlab.peft.heads import is_reward_model
 
     model = loaded.model
+    if is_reward_model(model):
+        raise GptlabError(f"{loaded.source} is a reward model (it scores texts, it does not write them): tune from "
+                          f"its base, {loaded.meta.get('base')}, and score with it through --reward")
     if isinstance(model, SequenceClassifier):
         raise GptlabError(f"{loaded.source} is a classifier (head route): tune from its base, {loaded.meta.get('base')}")
     methods = sorted({m for ms in list_adapters(model).values() for m in ms})
@@ -263,6 +276,22 @@ def plain_model(loaded: Loaded) -> torch.nn.Module:
     merge_and_unload(model)
     drop_peft_state(model)
     return model
+
+
+def lr_world(source) -> str:
+    """The registry's learning-rate world of a model (methods.default_lr): "pretrained" for a released
+    model (preset, GGUF, HF directory) and runs tuned from one, "names" for the small models trained
+    here from scratch (characters or a BPE of your own), which take larger steps."""
+    for _ in range(8):  # a run names its base, which may itself be a run
+        kind = source_kind(source)
+        if kind in ("preset", "gguf", "hf", "adapter"):
+            return "pretrained"
+        if kind != "method-run":
+            return "names"
+        source = _read_meta(_method_run_dir(Path(str(source))) or Path(str(source))).get("base")
+        if not source:
+            return "names"
+    return "names"
 
 
 def base_key(base) -> str:

@@ -26,6 +26,12 @@ OWN = {
     "export --to hf": ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                        "generation_config.json"),
     "export --to peft": ("adapter_model.safetensors", "adapter_config.json", "gptlab_peft.json"),
+    "reward": (*RUN, "pairs.jsonl", "pairs_heldout.jsonl"),
+    "rl": (*RUN, "prompts.txt"),
+    "tokenizer check": ("report.md",),
+    "tokenizer train": ("tokenizer.json", "tokenizer_config.json", "report.md", "*.png", "config.yaml"),
+    "data check": ("report.md", "results.json", "*.png"),
+    "scaling": ("runs", "report.md", "results.json", "fit.json", "*.png", "config.yaml"),
 }
 
 

@@ -21,16 +21,26 @@ def _finished(a, r) -> int:
 
 def add_pretrain(sub) -> None:
     from gptlab.models.config import PRESETS
+    from gptlab.recipes.continued import CPT_METHODS
 
-    s = add_verb(sub, "pretrain", "pretrain a character GPT (resumes when --out holds a run)", cmd_pretrain)
+    s = add_verb(sub, "pretrain", "pretrain a GPT on names or on your text, or continue pretraining any model "
+                 "(resumes when --out holds a run)", cmd_pretrain)
     s.add_argument("--data", default="names",
                    help="`names`; `names:RANK`, the names in the top RANK of some country (names:5000 is 4x "
-                        "the corpus, hash-split the same way); or a text file with one item per line")
+                        "the corpus, hash-split the same way); or a text file: one item per line, or free text "
+                        "with --tokenizer / --init")
+    s.add_argument("--tokenizer", default=None, metavar="char|bpe:N|DIR",
+                   help="free text: documents packed into --block-size windows, split by document hash, with "
+                        "this tokenizer: char, bpe:N (byte-level BPE of N tokens learnt from the training "
+                        "documents) or a directory from `gptlab tokenizer train`")
+    s.add_argument("--doc-sep", choices=["auto", "line", "blank"], default="auto",
+                   help="free text: one document per line, or documents separated by blank lines (auto: blank "
+                        "when the file has a blank line)")
     s.add_argument("--split-seed", type=int, default=None, help="seeded random split instead of the hash split")
     s.add_argument("--test-size", type=positive_int, default=None,
                    help="test items for --split-seed (default min(1000, 10%%))")
-    s.add_argument("--preset", default="char-small", metavar="NAME",
-                   help=f"the model's shape: {', '.join(PRESETS)}")
+    s.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"the model's shape (default char-small; text-small with --tokenizer): {', '.join(PRESETS)}")
     s.add_argument("--out", help="the run directory (required)")
     s.add_argument("--fresh", action="store_true", help="start over even if --out holds a run")
     s.add_argument("--strategy", choices=["none", "ddp", "fsdp"], default="none",
@@ -40,27 +50,52 @@ def add_pretrain(sub) -> None:
     m.add_argument("--n-embd", type=positive_int, default=None, help="embedding width")
     m.add_argument("--n-head", type=positive_int, default=None, help="attention heads (must divide --n-embd)")
     m.add_argument("--dropout", type=dropout_rate, default=None, help="dropout probability in [0, 1)")
-    m.add_argument("--block-size", type=positive_int, default=None, help="context length in characters")
-    train_args(s)
-    s.set_defaults(required=("out",), check=_check_pretrain)
+    m.add_argument("--block-size", type=positive_int, default=None,
+                   help="context length in tokens (with --init: the training windows, default 256)")
+    c = s.add_argument_group("continued pretraining (--init)")
+    c.add_argument("--init", default=None, metavar="SOURCE",
+                   help="start from this model instead of a fresh one: any run, preset (smollm2-135m-instruct), "
+                        ".gguf or HF directory; it keeps its own tokenizer")
+    c.add_argument("--reference", default=None, metavar="FILE",
+                   help="text the model knew before, to measure forgetting on (default: a names run's test split)")
+    method_args(s, CPT_METHODS, default="full")
+    train_args(s, lr_help="peak learning rate (default 3e-3; with --init the method's own, from gptlab.methods)")
+    s.set_defaults(required=("out",), check=_check_pretrain, lr=None)
+
+
+MODEL_FLAGS = ("preset", "n_layer", "n_embd", "n_head", "dropout")
 
 
 def _check_pretrain(a) -> None:
     if a.test_size is not None and a.split_seed is None:
         raise GptlabError("--test-size applies to the seeded split: add --split-seed N (the default hash split "
                           "has fixed shares)")
+    if a.init is not None:
+        given = [f"--{f.replace('_', '-')}" for f in MODEL_FLAGS if getattr(a, f) is not None]
+        given += ["--tokenizer"] * (a.tokenizer is not None) + ["--split-seed"] * (a.split_seed is not None)
+        if given:
+            raise GptlabError(f"--init keeps the model's shape and tokenizer: drop {', '.join(given)}")
+        if a.strategy != "none":
+            raise GptlabError("--init trains on one device: drop --strategy")
+        if a.data == "names" or a.data.startswith("names:"):
+            raise GptlabError("--init continues pretraining on your text: give --data FILE")
+    elif a.method != "full" or a.reference is not None:
+        raise GptlabError("--method and --reference are for continued pretraining: add --init SOURCE")
     check_dtype(a)
 
 
 def cmd_pretrain(a) -> int:
+    if a.init is not None:
+        return _continue_pretraining(a)
     from gptlab.train import dist
     from gptlab.train.pretrain import pretrain
 
+    a.lr = a.lr or 3e-3
     try:
         result = pretrain(a.data, a.out, a.preset, train_config(a), split_seed=a.split_seed,
                           test_size=a.test_size, device=a.device, fresh=a.fresh, strategy=a.strategy,
-                          n_layer=a.n_layer, n_embd=a.n_embd, n_head=a.n_head, dropout=a.dropout,
-                          block_size=a.block_size)
+                          tokenizer=a.tokenizer, doc_sep=a.doc_sep, n_layer=a.n_layer, n_embd=a.n_embd,
+                          n_head=a.n_head, dropout=a.dropout, block_size=a.block_size)
         main_rank = dist.is_main()
     finally:
         dist.cleanup()
@@ -70,9 +105,26 @@ def cmd_pretrain(a) -> int:
     if result.interrupted:
         return 130
     best = f"{result.best_val:.4f}" if result.best_val is not None else "n/a"
-    print(f"done: {result.step} steps in {result.elapsed:.0f}s, best val loss {best} nats/char; "
+    unit = "char" if a.tokenizer in (None, "char") else "token"
+    print(f"done: {result.step} steps in {result.elapsed:.0f}s, best val loss {best} nats/{unit}; "
           f"checkpoint in {a.out}/checkpoint")
     return 0
+
+
+def _continue_pretraining(a) -> int:
+    from gptlab.load import lr_world
+    from gptlab.methods import default_lr
+    from gptlab.recipes.continued import continue_pretraining, summary
+
+    if a.fresh:
+        raise GptlabError("--fresh is for pretraining from scratch; for --init choose a new --out")
+    a.lr = a.lr or default_lr(a.method, lr_world(a.init))
+    r = continue_pretraining(a.init, a.data, a.out, method=a.method, train_cfg=train_config(a), device=a.device,
+                             doc_sep=a.doc_sep, window=a.block_size, reference=a.reference, **method_options(a))
+    if not r.get("interrupted"):
+        print(summary(r))
+        print(f"results in {a.out}/results.json")
+    return _finished(a, r)
 
 
 # ---- finetune --------------------------------------------------------------------------------------------
@@ -81,19 +133,38 @@ def _task_args(s, what: str) -> None:
     from gptlab.data.tasks import TASKS
 
     s.add_argument("base", nargs="?", help=f"{what} (required): a pretrain run or its checkpoint directory; for "
-                   "--task commongen a pretrained model: preset (smollm2-135m-instruct), .gguf file, HF directory")
-    s.add_argument("--task", choices=TASKS + ("commongen",), help="the task (required)")
-    s.add_argument("--data", default=None, help="commongen: the CommonGen directory (default $GPTLAB_COMMONGEN "
-                   "or ../shared/data/commongen); the names tasks build theirs from the names corpus")
+                   "--task commongen or sft a pretrained model: preset (smollm2-135m-instruct), .gguf file, HF "
+                   "directory (sft also takes a gptlab run)")
+    s.add_argument("--task", choices=TASKS + ("commongen", "sft"),
+                   help="the task (required); sft: your own JSONL rows (--data)")
+    s.add_argument("--data", default=None, help='sft (required): a JSONL of {"prompt", "completion"} or '
+                   '{"messages": [{"role", "content"}, ...]} rows; commongen: the CommonGen directory (default '
+                   "$GPTLAB_COMMONGEN or ../shared/data/commongen); the names tasks build theirs from the names corpus")
+    s.add_argument("--val-data", default=None,
+                   help="sft: a JSONL of validation rows (default: a hash-chosen ~5%% of the --data rows)")
+    s.add_argument("--no-chat", action="store_true",
+                   help="sft: prompt/completion rows as raw text, not wrapped in the model's chat template")
     s.add_argument("--out", help="the run directory (required)")
     s.add_argument("--limit", type=positive_int, default=None, help="at most this many training examples")
     s.add_argument("--eval-limit", type=positive_int, default=None,
-                   help="at most this many val/test examples (default 2000; commongen: 200 dev concept sets)")
+                   help="at most this many val/test examples (default 2000; commongen: 200 dev concept sets; "
+                        "sft: 256 validation rows)")
 
 
 def _check_task(a) -> None:
-    if a.data and a.task != "commongen":
-        raise GptlabError("--data is for --task commongen; the names tasks build their data from the names corpus")
+    if a.task == "sft":
+        if a.cmd != "finetune":
+            raise GptlabError(f"`gptlab {a.cmd} --task sft` is not available: run `gptlab finetune BASE --task sft "
+                              "--data FILE.jsonl --method M --out DIR` once per method")
+        if not a.data:
+            raise GptlabError("--task sft needs --data FILE.jsonl: rows of {\"prompt\", \"completion\"} or "
+                              "{\"messages\": [...]}")
+    elif a.data and a.task != "commongen":
+        raise GptlabError("--data is for --task commongen or sft; the names tasks build their data from the names "
+                          "corpus")
+    for flag, given in (("--val-data", a.val_data), ("--no-chat", a.no_chat)):
+        if given and a.task != "sft":
+            raise GptlabError(f"{flag} is for --task sft")
     check_dtype(a)
 
 
@@ -115,14 +186,29 @@ def resolve_finetune(a) -> None:
     head), the learning rate (the method's own in this world) and the evaluation limit."""
     from gptlab.methods import METHODS, default_lr
 
-    commongen = a.task == "commongen"
     a.route = a.route or ("head" if METHODS[a.method].needs_head else "generate")
+    if a.task == "sft":
+        from gptlab.load import lr_world
+
+        a.lr = a.lr or default_lr(a.method, lr_world(a.base))
+        a.eval_limit = a.eval_limit or 256
+        return
+    commongen = a.task == "commongen"
     a.lr = a.lr or default_lr(a.method, "pretrained" if commongen else "names")
     a.eval_limit = a.eval_limit or (200 if commongen else 2000)
 
 
 def cmd_finetune(a) -> int:
     resolve_finetune(a)
+    if a.task == "sft":
+        from gptlab.recipes.sft import finetune_sft, summary
+
+        r = finetune_sft(a.base, a.method, a.out, data=a.data, val_data=a.val_data, chat=False if a.no_chat else None,
+                         train_cfg=train_config(a, eval_batch_size=16), device=a.device, limit=a.limit,
+                         val_limit=a.eval_limit, route=a.route, **method_options(a))
+        if not r.get("interrupted"):
+            print(f"{summary(r)}; samples in {a.out}/samples.txt, results in {a.out}/results.json")
+        return _finished(a, r)
     if a.task == "commongen":
         from gptlab.evaluate.commongen import format_scores
         from gptlab.recipes.commongen import finetune_commongen

@@ -143,7 +143,8 @@ def _sample_text(a, loaded) -> int:
     from gptlab.generate import chat_prompt, generate_texts
 
     model, tok = loaded.model, loaded.tokenizer
-    chat = not a.no_chat and bool(getattr(tok, "chat_template", None))
+    # a run trained on raw prompts (--no-chat) is sampled on raw prompts
+    chat = not a.no_chat and bool(getattr(tok, "chat_template", None)) and loaded.meta.get("chat") is not False
     prompt = chat_prompt(tok, a.prompt, a.system) if chat else a.prompt
     n = a.n or 1
     kw = {"max_new_tokens": a.max_new_tokens or 128, "seed": a.seed, "use_cache": not a.no_cache,
@@ -230,11 +231,14 @@ def add_eval(sub) -> None:
     s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N, mps")
     s.add_argument("--json", action="store_true", help="print the results as JSON")
     g = s.add_argument_group("commongen (generation scored with ROUGE/BLEU/coverage)")
-    g.add_argument("--task", choices=["commongen"], default=None,
-                   help="score on CommonGen (a run tuned on CommonGen is scored there without it)")
-    g.add_argument("--data", default=None, help="CommonGen directory (default $GPTLAB_COMMONGEN or "
-                   "../shared/data/commongen); for a reward model (a `gptlab reward` run) a JSONL of "
+    g.add_argument("--task", choices=["commongen", "sft"], default=None,
+                   help="score on CommonGen, or (sft) loss, perplexity and samples on --data FILE.jsonl "
+                        "(a run tuned on CommonGen or SFT is scored its own way without it)")
+    g.add_argument("--data", default=None, help="commongen: the CommonGen directory (default $GPTLAB_COMMONGEN or "
+                   "../shared/data/commongen); sft: a JSONL of prompt/completion or messages rows (default: an "
+                   "SFT run's validation rows); a reward model (a `gptlab reward` run): a JSONL of "
                    '{"prompt", "chosen", "rejected"} pairs to score')
+    g.add_argument("--samples", type=positive_int, default=5, help="sft: generated samples to show")
     g.add_argument("--batch-size", type=positive_int, default=16, help="concept sets generated together")
     g.add_argument("--max-new-tokens", type=positive_int, default=32, help="sentence length limit in tokens")
     g.add_argument("--no-chat", action="store_true", help="raw `Concepts: ...` prompts, no chat template")
@@ -249,6 +253,8 @@ def cmd_eval(a) -> int:
     loaded = _load(a, source)
     if loaded.meta.get("kind") == "reward":
         return _eval_reward(a, loaded)
+    if a.task == "sft" or (a.task is None and loaded.meta.get("task") == "sft"):
+        return _eval_sft(a, loaded)
     if a.task == "commongen" or is_commongen_run(loaded.meta):
         return _eval_commongen(a, loaded)
     if a.data:
@@ -268,6 +274,14 @@ def cmd_eval(a) -> int:
         lines.append(f"{task['task']} {split}: {task['metric_name']} {task['metric']:.2f} on "
                      f"{task['examples']} examples")
     print(json.dumps(result, default=str) if a.json else "\n".join(lines))
+    return 0
+
+
+def _eval_sft(a, loaded) -> int:
+    from gptlab.recipes.sft import evaluate_sft, format_sft_eval
+
+    r = evaluate_sft(loaded, a.data, samples=a.samples, max_new_tokens=a.max_new_tokens, limit=a.limit)
+    print(json.dumps(r) if a.json else format_sft_eval(r))
     return 0
 
 

@@ -143,6 +143,8 @@ PRESETS: dict[str, dict] = {
     "char-small": dict(_GPT2, n_layer=4, n_head=4, n_embd=96, block_size=40),
     "char-llama": dict(_LLAMA, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=40,
                        intermediate_size=352, norm_eps=1e-5),
+    # free text (`pretrain --tokenizer`): packed windows of 128 tokens; vocab_size from the tokenizer
+    "text-small": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=128),
     "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
     "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
     "smollm2-135m": dict(_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,

@@ -14,6 +14,10 @@ Hooks used by the PEFT methods (kept here so they need no model surgery):
 - `CausalSelfAttention.prefix`: a callable `batch_size -> (k, v)` whose keys/values every
   query may attend to, before the sequence (prefix tuning);
 - `hidden_states(...)`: the final normed hidden states (classification heads).
+
+Packed documents (pretraining on free text): `forward(idx, targets, segments=...)` takes a (B, T)
+document id per position; positions restart at each document and attention stays inside it (a
+block-diagonal causal mask through SDPA), so a document's logits are those it would get alone.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.prefix = None  # prefix tuning hook: callable(batch_size) -> (k, v), each (B, n_kv_head, P, D)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, doc_mask=None):
+        """`doc_mask` (B, 1, T, T) bool: packed documents (no cache): True where query i may see key j."""
         B, T, C = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         if self.fused:
@@ -135,7 +140,11 @@ class CausalSelfAttention(nn.Module):
                 rep = self.n_head // self.n_kv_head
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if S == T:  # plain causal attention over the sequence
+        if doc_mask is not None:  # packed documents: causal inside each one (a prefix is seen by all)
+            if S > T:
+                doc_mask = torch.cat([doc_mask.new_ones(B, 1, T, S - T), doc_mask], dim=-1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask, dropout_p=dropout, **gqa)
+        elif S == T:  # plain causal attention over the sequence
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, **gqa)
         elif T == 1:  # one new token attends to everything before it
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -189,8 +198,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, doc_mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, doc_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -254,14 +263,18 @@ class GPT(nn.Module):
     def embed(self, idx):
         return self.transformer.wte(idx)
 
-    def hidden_states(self, idx=None, *, input_embeds=None, cache: KVCache | RaggedKVCache | None = None):
+    def hidden_states(self, idx=None, *, input_embeds=None, cache: KVCache | RaggedKVCache | None = None,
+                      segments=None):
         """Final normed hidden states (B, T, C) for token ids or for ready-made input embeddings.
 
         With a RaggedKVCache each row continues at its own position (its prompt-tuning virtual
-        tokens, if any, came with the prefill that filled it)."""
+        tokens, if any, came with the prefill that filled it). With `segments` (B, T) the row holds
+        packed documents (see `_packed_hidden_states`)."""
         x = self.embed(idx) if input_embeds is None else input_embeds
         if isinstance(cache, RaggedKVCache):
             return self._ragged_hidden_states(x, cache)
+        if segments is not None:
+            return self._packed_hidden_states(x, segments, cache)
         start = cache.pos if cache is not None else 0
         n_virtual = 0
         if self.prompt is not None and start == 0:  # virtual tokens once, before the first real one
@@ -290,6 +303,36 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x[:, n_virtual:])
 
+    def _packed_hidden_states(self, x, segments, cache):
+        """Rows of packed documents: segments[b, t] names the document of position t. Each document
+        starts at position 0 and attends only to itself:
+
+            pos[b, t]  = t - (first t' <= t with segments[b, t'] == segments[b, t])
+            mask[b, i, j] = j <= i and segments[b, i] == segments[b, j]
+        """
+        if cache is not None or self.prompt is not None:
+            raise ValueError("packed documents (segments) are for training and scoring: no cache, no prompt tuning")
+        B, T, _ = x.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} positions is longer than the context ({self.config.block_size})")
+        if segments.shape != (B, T):
+            raise ValueError(f"segments must be (B, T) = {(B, T)}, got {tuple(segments.shape)}")
+        t = torch.arange(T, device=x.device)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        pos = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) position inside its document
+        same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+        doc_mask = (same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril())[:, None]  # (B, 1, T, T)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(pos)
+        else:  # (B, 1, T, D): per row, broadcast over the heads
+            rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, None, doc_mask)
+        return self.transformer.ln_f(x)
+
     def _ragged_hidden_states(self, x, cache: RaggedKVCache):
         """hidden_states for rows at different positions: position ids are (B, T), one row each."""
         B, T, _ = x.shape
@@ -312,12 +355,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx=None, targets=None, *, input_embeds=None, cache: KVCache | None = None,
-                last_only: bool = False):
+                last_only: bool = False, segments=None):
         """(logits (B, T, V), None) without targets; with targets (-100 = ignore), (None, the mean
         cross-entropy), computed without ever building the full logits (see models/loss.py).
 
-        `last_only` computes logits for the final position alone (generation)."""
-        h = self.hidden_states(idx, input_embeds=input_embeds, cache=cache)
+        `last_only` computes logits for the final position alone (generation); `segments` (B, T):
+        packed documents, each seeing only itself."""
+        h = self.hidden_states(idx, input_embeds=input_embeds, cache=cache, segments=segments)
         if last_only:
             h = h[:, -1:, :]
         if targets is None:

@@ -115,9 +115,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
 
 
+def packed(batch) -> dict:
+    """The forward's `segments` keyword for a batch of packed documents (data/text.py), else none."""
+    return {"segments": batch["segments"]} if "segments" in batch else {}
+
+
 def lm_loss(model, batch):
     """Next-token cross-entropy, mean over target tokens; returns (loss, number of target tokens)."""
-    _, loss = model(batch["x"], batch["y"])
+    _, loss = model(batch["x"], batch["y"], **packed(batch))
     return loss, int((batch["y"] != -100).sum())
 
 
@@ -162,7 +167,7 @@ def evaluate_loss(model, data, batch_size: int = 512, device=None, loss_fn=None,
             rows, w = (rows, 1) if len(rows) else (range(start, start + 1), 0)
         batch = {k: v.to(device) for k, v in data.batch(rows).items()}
         if loss_fn is None:
-            logits, _ = model(batch["x"])
+            logits, _ = model(batch["x"], **packed(batch))
             total += w * F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=-100,
                                          reduction="sum").item()
             count += w * int((batch["y"] != -100).sum())
