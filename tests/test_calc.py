@@ -1,10 +1,12 @@
 """The calculators reproduce published figures (reference arithmetic in float64 Python floats)."""
 
 import pytest
+import torch
 
 from gptlab import GptlabError
 from gptlab.calc import (REFERENCE_MODELS, activation_bytes, chinchilla_tokens, compute_optimal, count_params,
-                         estimate, format_estimate, parse_count, training_flops)
+                         estimate, format_estimate, non_embedding_params, parse_count, training_flops,
+                         training_flops_per_token)
 from gptlab.models.config import GPTConfig, preset
 from gptlab.models.gpt import GPT
 
@@ -82,3 +84,49 @@ def test_format_estimate_text():
     text = format_estimate("gpt3-175b", "300e9")
     for needle in ("3.14e+23", "PF/s-days", "3,638", "A100", "H100", "Korthikanti", "24 bytes/param", "int4"):
         assert needle in text, needle
+
+
+def test_non_embedding_params_leave_out_the_embeddings():
+    for kw in ({}, {"tie_embeddings": False}, {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}):
+        cfg = preset("char-tiny", vocab_size=37, **kw)
+        model = GPT(cfg)
+        embeddings = {id(p) for name, p in model.named_parameters() if "wte" in name or "wpe" in name}
+        if not cfg.tie_embeddings:
+            embeddings.add(id(model.lm_head.weight))
+        expected = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in embeddings)
+        assert non_embedding_params(cfg) == expected
+
+
+def test_training_flops_per_token_match_a_flop_counter():
+    """Kaplan's 6N' + 6 L n_ctx d against torch's FLOP counter on a forward and backward pass.
+
+    The counter sees every matmul: the de-embedding (2 V d per token, which Kaplan leaves out) and the
+    full T x T attention scores (SDPA's math kernel computes the masked half too; Kaplan counts the causal
+    half); norm weights are parameters without matmuls. Backward is exactly twice forward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = preset("char-tiny", vocab_size=37, bias=False, norm="rmsnorm")
+    model = GPT(cfg)
+    B, T, L, d, V = 3, 24, cfg.n_layer, cfg.n_embd, cfg.vocab_size
+    x = torch.randint(V, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logits, _ = model(x)
+        logits.sum().backward()
+    norms = sum(p.numel() for n, p in model.named_parameters() if "ln" in n or "norm" in n)
+    counted = counter.get_total_flops()
+    kaplan = B * T * training_flops_per_token(cfg, T)
+    assert counted - 3 * (B * T * 2 * V * d + B * 2 * L * T * T * d) == kaplan - 6 * B * T * norms
+
+
+def test_estimate_shows_the_attention_count():
+    e = estimate("gpt3-175b", "300e9")
+    # Kaplan et al. 2020: C_forward = 2N + 2 n_layer n_ctx d_attn; GPT-3: N' = 12 L d^2 + biases and norms
+    assert e.non_embedding_params == pytest.approx(12 * 96 * 12288 ** 2, rel=1e-3)
+    assert e.flops_per_token == 6 * e.non_embedding_params + 6 * 96 * 2048 * 12288
+    assert e.kaplan_flops == pytest.approx(300e9 * e.flops_per_token)
+    # attention adds 2048 / (12 x 12288) = 1.4% to 6N, the embeddings' 643M leave out 0.37%
+    assert e.kaplan_flops / e.flops == pytest.approx(1 + 2048 / (12 * 12288) - 643e6 / 175e9, abs=1e-3)
+    text = format_estimate("char-small", "1e6", seq_len=12)
+    assert "6N' + 6*L*n_ctx*d, n_ctx 12" in text and "with attention" in text
+    assert estimate(1e9).flops_per_token is None and "with attention" not in format_estimate("1B")

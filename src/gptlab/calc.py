@@ -11,6 +11,9 @@ Formulas (N parameters, D training tokens; b batch, s sequence, h width, a heads
 - the course's rule of thumb: 24 bytes/param (4 weights + 4 grads + 8 Adam + 8 activations).
 - training compute C = 6 N D FLOPs (2 forward + 4 backward per parameter per token, Kaplan 2020);
   Chinchilla compute-optimal D = 20 N (Hoffmann 2022), so N_opt = sqrt(C / 120).
+- with the attention term (Kaplan et al. 2020, table 1), per token: C_forward = 2 N' + 2 L n_ctx d,
+  N' the non-embedding parameters (token and position embeddings and an untied output layer left
+  out), d the attention width (= n_embd here); training is 3 x forward: 6 N' + 6 L n_ctx d.
 - PF/s-days = C / (1e15 x 86400); GPU-days = C / (peak x utilisation x 86400).
 Sizes are decimal: 1 GB = 1e9 bytes.
 """
@@ -71,6 +74,23 @@ def count_params(cfg: GPTConfig) -> int:
     n += cfg.block_size * C if cfg.pos == "learned" else 0
     n += 0 if cfg.tie_embeddings else V * C
     return n
+
+
+def non_embedding_params(cfg: GPTConfig) -> int:
+    """Kaplan's N: count_params less the token embedding (and an untied output layer) and learned positions."""
+    embeddings = cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
+    positions = cfg.block_size * cfg.n_embd if cfg.pos == "learned" else 0
+    return count_params(cfg) - embeddings - positions
+
+
+def training_flops_per_token(cfg: GPTConfig, n_ctx: float | None = None) -> float:
+    """Kaplan et al. 2020 (table 1), x3 for forward + backward: 6 N' + 6 L n_ctx d FLOPs per token.
+
+    `n_ctx` is the context (default the model's block_size); the second term is the attention scores
+    and their weighted sum (4 t d FLOPs at position t, causally averaged over the context: 2 n_ctx d),
+    which 6N leaves out."""
+    n_ctx = cfg.block_size if n_ctx is None else n_ctx
+    return 6.0 * non_embedding_params(cfg) + 6.0 * cfg.n_layer * n_ctx * cfg.n_embd
 
 
 def resolve_model(model) -> tuple[float, GPTConfig | None, str]:
@@ -138,6 +158,9 @@ class Estimate:
     gpu_days: dict[str, float]
     optimal_params: float
     optimal_tokens: float
+    non_embedding_params: float | None = None  # with a config only
+    flops_per_token: float | None = None  # training, Kaplan's count with the attention term
+    kaplan_flops: float | None = None  # tokens x flops_per_token
     notes: list[str] = field(default_factory=list)
 
 
@@ -175,13 +198,16 @@ def estimate(model, tokens=None, *, batch_size: int = 1, seq_len: int | None = N
                          "total (flash attention)": None if act is None else state + act_scale * act_flash}
     flops = training_flops(params, tokens)
     opt_n, opt_d = compute_optimal(flops)
+    per_token = None if cfg is None else training_flops_per_token(cfg, seq_len)
     return Estimate(
         label=label, params=params, tokens=tokens, tokens_given=tokens_given, batch_size=batch_size,
         seq_len=seq_len, utilization=utilization,
         inference_bytes={k: params * v for k, v in INFERENCE_BYTES.items()}, kv_cache_bytes=kv,
         training_bytes=training, course_rule_bytes=COURSE_BYTES_PER_PARAM * params, flops=flops,
         pf_days=flops / PF_DAY, gpu_days={g: gpu_days(flops, peak, utilization) for g, peak in GPUS.items()},
-        optimal_params=opt_n, optimal_tokens=opt_d, notes=notes)
+        optimal_params=opt_n, optimal_tokens=opt_d, notes=notes,
+        non_embedding_params=None if cfg is None else float(non_embedding_params(cfg)), flops_per_token=per_token,
+        kaplan_flops=None if per_token is None else per_token * tokens)
 
 
 def _n(x: float) -> str:
@@ -217,8 +243,13 @@ def format_estimate(model, tokens=None, *, batch_size: int = 1, seq_len: int | N
     compute = [["training tokens", f"{_n(e.tokens)} ({e.tokens / e.params:.1f} per parameter"
                 + ("" if e.tokens_given else ", Chinchilla default") + ")"],
                ["Chinchilla-optimal tokens (20 per parameter)", _n(chinchilla_tokens(e.params))],
-               ["training FLOPs (6ND)", f"{e.flops:.3g}"],
-               ["PF/s-days", f"{e.pf_days:,.4g}"]]
+               ["training FLOPs (6ND)", f"{e.flops:.3g}"]]
+    if e.flops_per_token is not None:
+        compute += [["non-embedding parameters N'", f"{_n(e.non_embedding_params)} ({e.non_embedding_params:,.0f})"],
+                    [f"training FLOPs per token with attention (6N' + 6*L*n_ctx*d, n_ctx {e.seq_len})",
+                     f"{e.flops_per_token:.4g}"],
+                    ["training FLOPs with attention (Kaplan et al. 2020)", f"{e.kaplan_flops:.3g}"]]
+    compute += [["PF/s-days (6ND)", f"{e.pf_days:,.4g}"]]
     compute += [[f"{g} GPU-days ({GPUS[g] / 1e12:g} TFLOP/s bf16 at {e.utilization:.0%})", f"{d:,.4g}"]
                 for g, d in e.gpu_days.items()]
     compute += [["compute-optimal model for these FLOPs",

@@ -14,13 +14,14 @@ from __future__ import annotations
 import sys
 
 from gptlab import GptlabError
-from gptlab.cli import chat, deploy, serve, tools, train, use
+from gptlab.cli import chat, deploy, reward, rl, scaling, serve, tokenizer, tools, train, use
 from gptlab.cli.args import HelpFormatter, Parser
 from gptlab.cli.config import apply_config
 
 ADDERS = (tools.add_data, train.add_pretrain, train.add_finetune, train.add_compare, train.add_dpo, use.add_sample,
           use.add_eval, use.add_embeddings, tools.add_demo, tools.add_quantize, tools.add_precision,
-          tools.add_estimate, chat.add_chat, deploy.add_export, serve.add_serve)
+          tools.add_estimate, chat.add_chat, deploy.add_export, serve.add_serve, tokenizer.add_tokenizer,
+          reward.add_reward, rl.add_rl, scaling.add_scaling)
 
 
 def build_parser() -> Parser:
@@ -53,7 +54,7 @@ def parse(argv: list[str] | None = None):
     p = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
-    verb = p.verbs[a.cmd]
+    verb = getattr(a, "leaf_parser", None) or p.verbs[a.cmd]  # a verb group's action (tokenizer train) names its own parser
     if getattr(a, "config", None):
         apply_config(verb, a.cmd, a.config)
         a = p.parse_args(argv)
