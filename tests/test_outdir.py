@@ -23,6 +23,17 @@ VERBS = {
     "quantize --force": lambda out, src: ["quantize", str(src), "--to", "int8", "--out", str(out), "--force"],
     "quantize --compare": lambda out, src: ["quantize", str(src), "--compare", "--out", str(out)],
     "demo": lambda out, src: ["demo", "--quick", "--out", str(out)],
+    "pretrain --tokenizer": lambda out, src: ["pretrain", "--data", str(src / "t.txt"), "--tokenizer", "bpe:300",
+                                              "--out", str(out)],
+    "pretrain --init": lambda out, src: ["pretrain", "--init", str(src), "--data", str(src / "t.txt"), "--out", str(out)],
+    "finetune --task sft": lambda out, src: ["finetune", str(src), "--task", "sft", "--data", str(src / "t.jsonl"),
+                                             "--method", "lora", "--out", str(out)],
+    "reward": lambda out, src: ["reward", str(src), "--names-rule", "endswith:a", "--out", str(out)],
+    "rl": lambda out, src: ["rl", str(src), "--names-rule", "endswith:a", "--out", str(out)],
+    "tokenizer train": lambda out, src: ["tokenizer", "train", "--data", str(src / "t.txt"), "--vocab-size", "300",
+                                         "--out", str(out)],
+    "data check": lambda out, src: ["data", "check", str(src / "t.txt"), "--out", str(out)],
+    "scaling": lambda out, src: ["scaling", "--quick", "--out", str(out)],
 }
 
 

@@ -40,7 +40,8 @@ def add_pretrain(sub) -> None:
     s.add_argument("--test-size", type=positive_int, default=None,
                    help="test items for --split-seed (default min(1000, 10%%))")
     s.add_argument("--preset", default=None, metavar="NAME",
-                   help=f"the model's shape (default char-small; text-small with --tokenizer): {', '.join(PRESETS)}")
+                   help=f"the model's shape (default char-small; with --max-time on names: the shape that won in that "
+                        f"time, models.config.BUDGET_SHAPES; text-small with --tokenizer): {', '.join(PRESETS)}")
     s.add_argument("--out", help="the run directory (required)")
     s.add_argument("--fresh", action="store_true", help="start over even if --out holds a run")
     s.add_argument("--strategy", choices=["none", "ddp", "fsdp"], default="none",
@@ -114,10 +115,12 @@ def cmd_pretrain(a) -> int:
 def _continue_pretraining(a) -> int:
     from gptlab.load import lr_world
     from gptlab.methods import default_lr
+    from gptlab.outdir import claim_out
     from gptlab.recipes.continued import continue_pretraining, summary
 
     if a.fresh:
         raise GptlabError("--fresh is for pretraining from scratch; for --init choose a new --out")
+    claim_out(a.out, "pretrain")  # before the source is opened to choose the learning rate
     a.lr = a.lr or default_lr(a.method, lr_world(a.init))
     r = continue_pretraining(a.init, a.data, a.out, method=a.method, train_cfg=train_config(a), device=a.device,
                              doc_sep=a.doc_sep, window=a.block_size, reference=a.reference, **method_options(a))
@@ -189,7 +192,9 @@ def resolve_finetune(a) -> None:
     a.route = a.route or ("head" if METHODS[a.method].needs_head else "generate")
     if a.task == "sft":
         from gptlab.load import lr_world
+        from gptlab.outdir import claim_out
 
+        claim_out(a.out, "finetune")  # before the base is opened to choose the learning rate
         a.lr = a.lr or default_lr(a.method, lr_world(a.base))
         a.eval_limit = a.eval_limit or 256
         return

@@ -19,6 +19,7 @@ from gptlab import GptlabError
 from gptlab.data.text import pack_documents, read_documents, split_documents, text_spec
 from gptlab.load import Loaded
 from gptlab.methods import METHODS
+from gptlab.outdir import claim_out
 from gptlab.recipes.tuning import Plan, tune
 from gptlab.train.pretrain import evaluate_text
 from gptlab.train.trainer import TrainConfig, TrainResult, evaluate_loss
@@ -103,6 +104,7 @@ def continue_pretraining(init, data, out, *, method: str = "full", train_cfg: Tr
     (also out/results.json), or {"interrupted": True, "step": N} after Ctrl-C (rerun to resume)."""
     train_cfg = train_cfg or TrainConfig(max_steps=200, batch_size=8, lr=METHODS["full"].lr["pretrained"],
                                          warmup_steps=20, eval_every=50)
+    claim_out(out, "pretrain")  # before the text is read
     recipe = TextCorpus(data, doc_sep=doc_sep, window=window, reference=reference, log=log)
     return tune(recipe, init, method, out, train_cfg=train_cfg, device=device, log=log, **method_opts)
 
