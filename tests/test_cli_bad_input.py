@@ -83,6 +83,9 @@ CASES = [  # (argv, what the one line says)
     (["estimate", "--params", "7B", "--batch-size", "0"], "argument --batch-size"),
     (["bogus-verb"], "invalid choice"),
     ([], "required: VERB"),
+    (["finetune", "{run}", "--task", "preference", "--method", "lora", "--out", "{out}"], "is a comparison"),
+    (["compare", "{run}", "--task", "gender", "--quick", "--out", "{out}"], "are for --task preference"),
+    (["compare", "{run}", "--task", "preference", "--names-rule", "bogus", "--out", "{out}"], "bogus"),
 ]
 
 

@@ -138,8 +138,9 @@ def _task_args(s, what: str) -> None:
     s.add_argument("base", nargs="?", help=f"{what} (required): a pretrain run or its checkpoint directory; for "
                    "--task commongen or sft a pretrained model: preset (smollm2-135m-instruct), .gguf file, HF "
                    "directory (sft also takes a gptlab run)")
-    s.add_argument("--task", choices=TASKS + ("commongen", "sft"),
-                   help="the task (required); sft: your own JSONL rows (--data)")
+    s.add_argument("--task", choices=TASKS + ("commongen", "sft", "preference"),
+                   help="the task (required); sft: your own JSONL rows (--data); preference (compare only): DPO vs "
+                        "reward model + GRPO vs best-of-n on one preference budget")
     s.add_argument("--data", default=None, help='sft (required): a JSONL of {"prompt", "completion"} or '
                    '{"messages": [{"role", "content"}, ...]} rows; commongen: the CommonGen directory (default '
                    "$GPTLAB_COMMONGEN or ../shared/data/commongen); the names tasks build theirs from the names corpus")
@@ -162,7 +163,9 @@ def _check_task(a) -> None:
         if not a.data:
             raise GptlabError("--task sft needs --data FILE.jsonl: rows of {\"prompt\", \"completion\"} or "
                               "{\"messages\": [...]}")
-    elif a.data and a.task != "commongen":
+    elif a.task == "preference" and a.cmd != "compare":
+        raise GptlabError("--task preference is a comparison: run `gptlab compare BASE --task preference --out DIR`")
+    elif a.data and a.task not in ("commongen", "preference"):
         raise GptlabError("--data is for --task commongen or sft; the names tasks build their data from the names "
                           "corpus")
     for flag, given in (("--val-data", a.val_data), ("--no-chat", a.no_chat)):
@@ -246,6 +249,11 @@ def add_compare(sub) -> None:
     _task_args(s, "the model every method tunes")
     s.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
     s.add_argument("--no-sweeps", action="store_true", help="skip the adapter-size and LoRA-rank sweeps")
+    s.add_argument("--names-rule", default=None, metavar="RULE",
+                   help="--task preference on a names run: the rule that labels the pairs, indian (default) | "
+                        "endswith:S | startswith:S")
+    s.add_argument("--quick", action="store_true",
+                   help="--task preference: tiny budgets (a names run compares in under 3 minutes on a CPU)")
     train_args(s, lr_help="one learning rate for every method (default: each method's own, from gptlab.methods)")
     s.set_defaults(required=("base", "task", "out"), check=_check_compare, **FINETUNE_DEFAULTS)
 
@@ -253,6 +261,8 @@ def add_compare(sub) -> None:
 def _check_compare(a) -> None:
     from gptlab.methods import METHODS
 
+    if a.task != "preference" and (a.names_rule or a.quick):
+        raise GptlabError("--names-rule and --quick are for --task preference")
     unknown = [m for m in csv_list(a.methods or "") if m not in METHODS]
     if unknown:
         raise GptlabError(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -262,6 +272,16 @@ def _check_compare(a) -> None:
 def cmd_compare(a) -> int:
     methods = csv_list(a.methods) if a.methods else None
     method_lr = a.lr is None  # each method at its own registry learning rate unless --lr is given
+    if a.task == "preference":
+        from gptlab.recipes.preference_compare import compare_preference
+        from gptlab.report.preference import format_preference
+
+        r = compare_preference(a.base, a.out, rule=a.names_rule, quick=a.quick, data=a.data, device=a.device,
+                               samples=a.limit, eval_samples=a.eval_limit)
+        write_config(a)
+        print(format_preference(r))
+        print(f"report in {a.out}/report.md")
+        return 0
     if a.task == "commongen":
         from gptlab.recipes.commongen import compare_commongen
 
