@@ -78,6 +78,20 @@ def test_resume_is_exact(tmp_path, dropout):
     assert steps == list(range(1, 21))  # no duplicated or missing log lines across the resume
 
 
+def test_a_timed_run_validates_its_last_steps(tmp_path, monkeypatch):
+    """--max-time stops between validations: the steps since the last one (the lowest learning rates
+    of the schedule) are validated and kept when they are better, not thrown away."""
+    clock = iter(range(10**6))  # every reading of the clock advances it 0.05 s: a training step takes 0.05 s
+    monkeypatch.setattr("gptlab.train.trainer.time.perf_counter", lambda: 0.05 * next(clock))
+    model, tok, data = setup()
+    t = Trainer(model, cfg(max_steps=1000, eval_every=4, max_time=0.5, lr=1e-3, warmup_steps=1), tmp_path,
+                tokenizer=tok, device="cpu")
+    r = t.fit(data, data)
+    assert r.step == 10 and [h["step"] for h in r.history if "val_loss" in h] == [4, 8, 10]
+    _, _, meta = load_checkpoint(tmp_path / "checkpoint")
+    assert meta["step"] == 10  # still learning at a small rate: the last steps are the best
+
+
 def test_lr_schedule_and_decay_groups():
     c = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, c) == pytest.approx(0.1)

@@ -216,6 +216,7 @@ class Trainer:
         self._wrapped = wrapped
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step, self.best_val, self.bad_evals, self.elapsed = 0, None, 0, 0.0
+        self.evaluated_at = None  # the step of the last validation
 
     @property
     def global_batch(self) -> int:
@@ -354,9 +355,11 @@ class Trainer:
                    dynamic_ncols=True, desc="train", unit="step")
         result = TrainResult(step=self.step, best_val=self.best_val)
         self._tokens_since, self._t_since = 0, time.perf_counter()
+        timed_out = False
         try:
             while self.step < last:
                 if cfg.max_time is not None and self.elapsed >= cfg.max_time:
+                    timed_out = True
                     break
                 lr, loss, n_tokens = self._train_step(train_data, order)
                 self._tokens_since += n_tokens
@@ -373,7 +376,8 @@ class Trainer:
             result.interrupted = True
             return result
         bar.close()
-        if val_data is not None and self.best_val is None:
+        # the steps since the last validation are the best of a decayed schedule: --max-time must not drop them
+        if val_data is not None and (self.best_val is None or (timed_out and self.evaluated_at != self.step)):
             self._evaluate(val_data, result)
         if not d.agree(is_checkpoint(self.out / "checkpoint")):
             self._save("checkpoint", with_state=False)
@@ -443,6 +447,7 @@ class Trainer:
         if not math.isfinite(val):  # never kept as the best checkpoint
             raise GptlabError(f"the validation loss became {val} at step {self.step}: lower --lr or use fp32")
         rec = {"step": self.step, "val_loss": round(val, 5)}
+        self.evaluated_at = self.step
         self._log(rec)
         result.history.append(rec)
         if self.best_val is None or val < self.best_val:
