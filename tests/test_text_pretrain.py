@@ -100,3 +100,25 @@ def test_bad_text_pretraining_flags_get_one_line(runs, text_file, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_max_time_picks_the_budget_shape_for_names(tmp_path, names_file, capsys):
+    from gptlab.models.config import BUDGET_SHAPES, budget_shape
+
+    assert budget_shape(1) == (BUDGET_SHAPES[0][1], BUDGET_SHAPES[0][2])
+    assert budget_shape(10**6) == (BUDGET_SHAPES[-1][1], BUDGET_SHAPES[-1][2])
+    out = tmp_path / "run"  # one minute: the shape that won in one minute, not the default char-small
+    assert main(["pretrain", "--data", str(names_file), "--max-time", "60", "--max-steps", "2", "--out", str(out),
+                 "--no-progress", "--device", "cpu", "--split-seed", "0", "--test-size", "20"]) == 0
+    assert "--max-time 60s" in capsys.readouterr().out
+    from gptlab.models.config import PRESETS
+
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    name, shape = budget_shape(60)
+    assert (name, config["n_embd"]) == ("char-tiny", PRESETS["char-tiny"]["n_embd"])
+    assert all(config[k] == v for k, v in shape.items())
+    out2 = tmp_path / "run2"  # a preset given wins
+    assert main(["pretrain", "--data", str(names_file), "--max-time", "100000", "--max-steps", "2", "--preset",
+                 "char-tiny", "--out", str(out2), "--no-progress", "--device", "cpu", "--split-seed", "0",
+                 "--test-size", "20"]) == 0
+    assert json.loads((out2 / "checkpoint" / "config.json").read_text())["n_embd"] == 64

@@ -153,6 +153,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# `pretrain --max-time S` on names without --preset: the shape that won in S seconds of CPU training
+# (benchmarks/bench_pretrain_budget.py; upper bound in seconds, None: any longer budget). One minute
+# gives few steps, which the smaller model uses best (char-tiny -0.025 nats vs makemore's setup, char-small
+# +0.047); from 5 minutes char-small wins (-0.018 at 300 s, -0.015 at 600 s) and neither a wider model
+# nor dropout 0.1 helped (+0.03 to +0.08): those runs made 2-5k steps, short of the ~20k where
+# char-small starts to overfit the names corpus.
+BUDGET_SHAPES: tuple[tuple[float | None, str, dict], ...] = (
+    (120, "char-tiny", {}),
+    (None, "char-small", {}),
+)
+
+
+def budget_shape(seconds: float) -> tuple[str, dict]:
+    """(preset, overrides) for a names run of `seconds` of training (BUDGET_SHAPES)."""
+    for upper, name, overrides in BUDGET_SHAPES:
+        if upper is None or seconds <= upper:
+            return name, dict(overrides)
+    raise AssertionError("BUDGET_SHAPES ends with an open bound")
+
+
 def preset(name: str, **overrides) -> GPTConfig:
     if name not in PRESETS:
         raise GptlabError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")

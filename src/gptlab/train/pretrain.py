@@ -11,7 +11,7 @@ from gptlab import GptlabError
 from gptlab.data.lm import LMDataset, name_pairs
 from gptlab.data.names import load_corpus, names_rank
 from gptlab.data.tokenizer import CharTokenizer
-from gptlab.models.config import GPTConfig, preset
+from gptlab.models.config import GPTConfig, budget_shape, preset
 from gptlab.models.gpt import GPT
 from gptlab.outdir import claim_out
 from gptlab.models.io import CONFIG, TOKENIZER
@@ -46,6 +46,11 @@ def pretrain(data: str, out: str | Path, preset_name: str | None = None, train_c
     resuming = not fresh and (resume_dir / CONFIG).exists()
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if tokenizer is None:
+        if preset_name is None and train_cfg.max_time:  # the shape that wins in this much time
+            preset_name, shape = budget_shape(train_cfg.max_time)
+            overrides = {**shape, **overrides}
+            log(f"note: --max-time {train_cfg.max_time:g}s: {preset_name} with {shape or 'its own shape'} "
+                "(the budget's winner in benchmarks/bench_pretrain_budget.py; --preset overrides)")
         preset_name = preset_name or "char-small"
         config, tok, train, val, meta = _names_corpus(data, split_seed, test_size, resume_dir if resuming else None,
                                                       preset_name, overrides, log)
