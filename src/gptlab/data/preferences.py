@@ -96,7 +96,8 @@ def names_pairs(samples: list[str], prefers, seed: int, max_pairs: int | None = 
                        "preferred_pct": 100.0 * sum(map(prefers, samples)) / max(1, len(samples))}
     g = torch.Generator().manual_seed(seed)
     for part in ("train", "heldout"):
-        names = [s for s in uniq if (split_of(s) == "train") == (part == "train")]
+        # the empty sample is no name of any split: it trains, so no held-out pair rests on an answer never seen
+        names = [s for s in uniq if (not s or split_of(s) == "train") == (part == "train")]
         pos = [s for s in names if s and prefers(s)]
         neg = [s for s in names if not s or not prefers(s)]
         counts[f"{part}_chosen"], counts[f"{part}_rejected"] = len(pos), len(neg)
