@@ -5,7 +5,9 @@ through argparse (exit 2), bad input found later as a `GptlabError` (exit 2).
     train.py   pretrain, finetune, compare, dpo   (`--config FILE.yaml`; each run writes config.yaml)
     use.py     sample, eval, embeddings           (every input opened by `gptlab.load.load`)
     chat.py    chat                               (the session itself: gptlab.chat)
-    tools.py   data, demo, quantize, precision, estimate
+    tools.py   data (and data check), demo, quantize, precision, estimate
+    deploy.py  export;  serve.py  serve;  tokenizer.py  tokenizer train|check
+    reward.py  reward;  rl.py  rl;  scaling.py  scaling
     args.py    the parser, argument types, training and method flags; config.py: --config
 """
 
