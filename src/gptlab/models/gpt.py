@@ -323,15 +323,19 @@ class GPT(nn.Module):
         pos = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) position inside its document
         same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
         doc_mask = (same & torch.ones(T, T, dtype=torch.bool, device=x.device).tril())[:, None]  # (B, 1, T, T)
+        x, rope = self._row_positions(x, pos)
+        for block in self.transformer.h:
+            x = block(x, rope, None, doc_mask)
+        return self.transformer.ln_f(x)
+
+    def _row_positions(self, x, pos):
+        """(x with its positions added, rope) for position ids `pos` (B, T) that differ per row; dropout applied."""
         rope = None
         if self.config.pos == "learned":
             x = x + self.transformer.wpe(pos)
         else:  # (B, 1, T, D): per row, broadcast over the heads
             rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, rope, None, doc_mask)
-        return self.transformer.ln_f(x)
+        return self.transformer.drop(x), rope
 
     def _ragged_hidden_states(self, x, cache: RaggedKVCache):
         """hidden_states for rows at different positions: position ids are (B, T), one row each."""
@@ -343,12 +347,7 @@ class GPT(nn.Module):
                              f"({self.config.block_size})")
         cache.reserve(max(cache.lengths, default=0) + T)
         pos = cache.positions(T)  # (B, T)
-        rope = None
-        if self.config.pos == "learned":
-            x = x + self.transformer.wpe(pos)
-        else:  # (B, 1, T, D): per row, broadcast over the heads
-            rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
-        x = self.transformer.drop(x)
+        x, rope = self._row_positions(x, pos)
         for block in self.transformer.h:
             x = block(x, rope, cache)
         cache.advance(T)
