@@ -15,17 +15,22 @@ def _names_cache(tmp_path_factory):
     yield
 
 
-@pytest.fixture
-def names_file(tmp_path):
-    """A small text corpus: 300 pronounceable made-up names, one per line."""
+def made_up_names(count: int = 300) -> set[str]:
+    """Pronounceable consonant-vowel names (about one in five ends with `a`), the same every call."""
     g = torch.Generator().manual_seed(0)
     cons, vow = "bcdfghjklmnprstvz", "aeiou"
     names = set()
-    while len(names) < 300:
+    while len(names) < count:
         n = int(torch.randint(2, 5, (1,), generator=g))
-        s = "".join(cons[int(torch.randint(len(cons), (1,), generator=g))] +
-                    vow[int(torch.randint(len(vow), (1,), generator=g))] for _ in range(n))
-        names.add(s)
+        names.add("".join(cons[int(torch.randint(len(cons), (1,), generator=g))] +
+                          vow[int(torch.randint(len(vow), (1,), generator=g))] for _ in range(n)))
+    return names
+
+
+@pytest.fixture
+def names_file(tmp_path):
+    """A small text corpus: 300 pronounceable made-up names, one per line."""
+    names = made_up_names()
     p = tmp_path / "names.txt"
     p.write_text("\n".join(sorted(names)) + "\n")
     return p

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import made_up_names
 
 from gptlab.cli import main
 from gptlab.data.preferences import PreferencePair
@@ -26,13 +27,7 @@ def cfg(steps, **kw):
 def base(tmp_path_factory):
     """A char-tiny run on 300 made-up consonant-vowel names (about one in five ends with `a`)."""
     d = tmp_path_factory.mktemp("dpo")
-    g = torch.Generator().manual_seed(0)
-    cons, vow = "bcdfghjklmnprstvz", "aeiou"
-    names = set()
-    while len(names) < 300:
-        n = int(torch.randint(2, 5, (1,), generator=g))
-        names.add("".join(cons[int(torch.randint(len(cons), (1,), generator=g))] +
-                          vow[int(torch.randint(len(vow), (1,), generator=g))] for _ in range(n)))
+    names = made_up_names()
     (d / "names.txt").write_text("\n".join(sorted(names)) + "\n")
     pretrain(str(d / "names.txt"), d / "run", "char-tiny", cfg(60, batch_size=32, lr=1e-2), device="cpu", log=quiet)
     return d / "run"

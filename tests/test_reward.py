@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import made_up_names
 
 from gptlab import GptlabError
 from gptlab.cli import main
@@ -121,13 +122,7 @@ def runs(tmp_path_factory):
     """A char-tiny pretrain run on 300 made-up names (about one in five ends with `a`) and a reward model
     on it, trained through the CLI without interruption."""
     d = tmp_path_factory.mktemp("reward")
-    g = torch.Generator().manual_seed(0)
-    cons, vow = "bcdfghjklmnprstvz", "aeiou"
-    names = set()
-    while len(names) < 300:
-        n = int(torch.randint(2, 5, (1,), generator=g))
-        names.add("".join(cons[int(torch.randint(len(cons), (1,), generator=g))] +
-                          vow[int(torch.randint(len(vow), (1,), generator=g))] for _ in range(n)))
+    names = made_up_names()
     (d / "names.txt").write_text("\n".join(sorted(names)) + "\n")
     cfg = TrainConfig(max_steps=60, batch_size=32, lr=1e-2, warmup_steps=2, progress=False)
     pretrain(str(d / "names.txt"), d / "base", "char-tiny", cfg, device="cpu", log=quiet)
